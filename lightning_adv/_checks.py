@@ -1,0 +1,44 @@
+"""Argument checks shared by the callbacks; each message names the argument and the fix."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection
+from typing import Any
+
+__all__ = ["check_choice", "check_count", "check_non_negative"]
+
+
+def check_non_negative(owner: str, name: str, value: Any, example: str) -> float:
+    """A finite real number ``>= 0``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"{owner}: `{name}` must be a number, got {type(value).__name__} {value!r}. "
+            f"Pass a value such as {example}."
+        )
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(
+            f"{owner}: `{name}` must be a finite number >= 0, got {value!r}. "
+            f"Pass a value such as {example}."
+        )
+    return float(value)
+
+
+def check_count(owner: str, name: str, value: Any, minimum: int) -> int:
+    """A whole number ``>= minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(
+            f"{owner}: `{name}` must be a whole number >= {minimum}, got "
+            f"{type(value).__name__} {value!r}."
+        )
+    if value < minimum:
+        raise ValueError(f"{owner}: `{name}` must be >= {minimum}, got {value}.")
+    return value
+
+
+def check_choice(owner: str, name: str, value: Any, choices: Collection[str]) -> str:
+    """One of ``choices``."""
+    if value not in choices:
+        options = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"{owner}: `{name}` must be one of {options}, got {value!r}.")
+    return str(value)

@@ -1,0 +1,308 @@
+"""``AdversarialCallback``: the Lightning plumbing shared by every method."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor
+
+from lightning_adv import _lightning
+from lightning_adv._checks import check_choice, check_count, check_non_negative
+from lightning_adv.embedding import (
+    EmbeddingCall,
+    EmbeddingTap,
+    OutputSpace,
+    WeightRowSpace,
+    find_embedding,
+    modules_sharing_weight,
+)
+from lightning_adv.functional import row_norms
+from lightning_adv.step import AttackStep
+
+__all__ = ["AdversarialCallback"]
+
+Target = Literal["weight", "output"]
+
+
+class AdversarialCallback(Callback):
+    """Base class of the adversarial training callbacks.
+
+    After the clean backward of an attacked step (``on_after_backward``), it hands the
+    method an :class:`~lightning_adv.step.AttackStep` holding this micro-batch's gradient
+    with respect to the embedding; the method runs its extra passes through it, and the
+    embedding is restored before the optimizer steps on clean plus adversarial gradients.
+    A subclass implements :meth:`attack` only.
+
+    Args:
+        target: ``"weight"`` perturbs the embedding rows the batch touches (one norm over
+            all of them); ``"output"`` adds the perturbation to the embedding output, one
+            norm per example, padding kept at zero.
+        embedding: ``None`` to use ``get_input_embeddings()``; else a dotted module path in
+            the LightningModule, or a name suffix matching exactly one ``nn.Embedding``.
+        loss_fn: name of the LightningModule method giving the loss of a batch, called as
+            ``loss_fn(batch, batch_idx)``; returns a tensor, a dict with ``"loss"``, or an
+            object with ``.loss``. Use a side-effect-free method under manual optimization.
+        adv_weight: the adversarial loss is multiplied by it.
+        start_step: first attacked optimizer step (``trainer.global_step``, 0-based).
+        every_n_steps: after ``start_step``, attack every n-th optimizer step.
+        replay_dropout: replay the clean pass's random state in every adversarial pass, so
+            dropout masks match; the random stream afterwards is left as the clean pass
+            left it.
+        log_prefix: prefix of the logged keys; the class name in lower case by default.
+
+    Raises:
+        ValueError, TypeError: at construction, for a bad argument.
+        RuntimeError, NotImplementedError: at ``setup``, for an embedding or loss method
+            that cannot be found, ``loss_fn="training_step"`` under manual optimization,
+            or an unsupported strategy.
+    """
+
+    #: Names of the subclass arguments that identify an instance in a checkpoint.
+    identity: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(
+        self,
+        *,
+        target: Target = "weight",
+        embedding: str | None = None,
+        loss_fn: str = "training_step",
+        adv_weight: float = 1.0,
+        start_step: int = 0,
+        every_n_steps: int = 1,
+        replay_dropout: bool = True,
+        log_prefix: str | None = None,
+    ) -> None:
+        owner = type(self).__name__
+        self.target: Target = check_choice(owner, "target", target, ("weight", "output"))  # type: ignore[assignment]
+        if embedding is not None and (not isinstance(embedding, str) or not embedding):
+            raise TypeError(
+                f"{owner}: `embedding` must be None or a module name such as "
+                f"'word_embeddings', got {embedding!r}."
+            )
+        if not isinstance(loss_fn, str) or not loss_fn.isidentifier():
+            raise TypeError(
+                f"{owner}: `loss_fn` must be the name of a LightningModule method such as "
+                f"'training_step' or 'compute_loss', got {loss_fn!r}."
+            )
+        self.embedding = embedding
+        self.loss_fn = loss_fn
+        self.adv_weight = check_non_negative(owner, "adv_weight", adv_weight, "1.0")
+        self.start_step = check_count(owner, "start_step", start_step, 0)
+        self.every_n_steps = check_count(owner, "every_n_steps", every_n_steps, 1)
+        self.replay_dropout = bool(replay_dropout)
+        self.log_prefix = log_prefix if log_prefix is not None else owner.lower()
+
+        self.attacked_steps = 0
+        self._tap: EmbeddingTap | None = None
+        self._scheduled = False
+        self._attacked_this_batch = False
+        self._busy = False
+        self._batch: Any = None
+        self._batch_idx = 0
+        self._rng_state: _RandomState | None = None
+
+    def attack(self, step: AttackStep) -> None:
+        """Build the perturbation from ``step.clean_gradient`` and run the extra passes."""
+        raise NotImplementedError(f"{type(self).__name__} must implement `attack(step)`.")
+
+    @property
+    def state_key(self) -> str:
+        fields = {name: getattr(self, name) for name in self.identity}
+        return self._generate_state_key(
+            target=self.target, embedding=self.embedding, loss_fn=self.loss_fn, **fields
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"attacked_steps": self.attacked_steps}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.attacked_steps = int(state_dict.get("attacked_steps", 0))
+
+    def is_attack_step(self, global_step: int) -> bool:
+        """Whether the optimizer step ``global_step`` is attacked by the schedule."""
+        offset = global_step - self.start_step
+        return offset >= 0 and offset % self.every_n_steps == 0
+
+    # -- Lightning hooks --------------------------------------------------------------
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        owner = type(self).__name__
+        _lightning.check_strategy(trainer, owner)
+        self._check_loss_fn(pl_module)
+        name, embedding = find_embedding(pl_module, self.embedding)
+        self._tap = EmbeddingTap(name, modules_sharing_weight(pl_module, embedding))
+        self._tap.attach()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._tap is not None:
+            self._tap.detach()
+            self._tap = None
+        self._end_batch()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                     exception: BaseException) -> None:
+        self._end_batch()
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                             batch: Any, batch_idx: int) -> None:
+        self._scheduled = self._tap is not None and self.is_attack_step(trainer.global_step)
+        self._attacked_this_batch = False
+        if not self._scheduled or self._tap is None:
+            return
+        self._batch, self._batch_idx = batch, batch_idx
+        if self.replay_dropout:
+            self._rng_state = _RandomState.capture(pl_module.device)
+        self._tap.record(capture_grads=True)
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._busy or self._tap is None:
+            return
+        if not self._scheduled:
+            pl_module.log(f"{self.log_prefix}/attacked", 0.0, on_step=True, on_epoch=False)
+            return
+        calls = self._tap.take_calls()
+        if not calls:
+            if self._attacked_this_batch:
+                return  # a further backward of a manual step, with no new forward
+            raise RuntimeError(
+                f"{type(self).__name__}: the embedding {self._tap.name!r} was not called in "
+                f"the forward pass of this training step, so it cannot be attacked. Pass "
+                f"`embedding=` with the embedding module that `{self.loss_fn}` really calls."
+            )
+
+        self._busy = True
+        try:
+            step = self._attack_step(trainer, pl_module, calls)
+            self.attack(step)
+        finally:
+            self._busy = False
+            self._tap.record(capture_grads=True)
+        self._attacked_this_batch = True
+        self._log_attack(pl_module, step)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._attacked_this_batch:
+            self.attacked_steps += 1
+        self._end_batch()
+
+    # -- helpers ----------------------------------------------------------------------
+
+    def _check_loss_fn(self, pl_module: pl.LightningModule) -> None:
+        owner = type(self).__name__
+        if not pl_module.automatic_optimization and self.loss_fn == "training_step":
+            raise RuntimeError(
+                f"{owner}: under manual optimization `training_step` steps the optimizer "
+                "itself and cannot be re-run for the adversarial pass. Give the module a "
+                "side-effect-free method returning the loss of a batch, e.g. "
+                "`def compute_loss(self, batch, batch_idx)`, and pass "
+                "`loss_fn='compute_loss'`."
+            )
+        if not callable(getattr(pl_module, self.loss_fn, None)):
+            raise RuntimeError(
+                f"{owner}: `loss_fn={self.loss_fn!r}`, but {type(pl_module).__name__} has no "
+                f"method of that name. Add `def {self.loss_fn}(self, batch, batch_idx)` "
+                "returning the loss, or pass the name of an existing method."
+            )
+
+    def _attack_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                     calls: list[EmbeddingCall]) -> AttackStep:
+        assert self._tap is not None
+        space: OutputSpace | WeightRowSpace
+        if self.target == "weight":
+            space = WeightRowSpace(self._tap, calls)
+        else:
+            space = OutputSpace(self._tap, calls)
+        scaler = _lightning.grad_scaler(trainer)
+        return AttackStep(
+            space=space,
+            calls=calls,
+            run_loss=lambda: self._run_loss(trainer, pl_module),
+            backward=lambda value: self._backward(trainer, pl_module, value),
+            scale=scaler.scale if scaler is not None else _identity,  # type: ignore[arg-type]
+            replay=self._replayed_rng if self.replay_dropout else None,
+            loss_fn=self.loss_fn,
+        )
+
+    def _run_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+        with trainer.precision_plugin.train_step_context(), _lightning.suppressed_logging(
+            pl_module
+        ):
+            return _lightning.call_through_wrapper(
+                trainer, pl_module, self.loss_fn, self._batch, self._batch_idx
+            )
+
+    def _backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                  value: Tensor) -> None:
+        # Scaled as Lightning scales the clean loss: divided over accumulated micro-batches
+        # (automatic optimization only), then by the AMP loss scale. A direct backward
+        # fires no Lightning hook, so nothing runs twice and nothing recurses.
+        loss = value * self.adv_weight
+        if pl_module.automatic_optimization:
+            loss = loss / trainer.accumulate_grad_batches
+        scaler = _lightning.grad_scaler(trainer)
+        if scaler is not None:
+            loss = scaler.scale(loss)
+        loss.backward()
+
+    @contextmanager
+    def _replayed_rng(self) -> Iterator[None]:
+        if self._rng_state is None:
+            yield
+        else:
+            with self._rng_state.replayed():
+                yield
+
+    def _log_attack(self, pl_module: pl.LightningModule, step: AttackStep) -> None:
+        values: dict[str, Any] = {f"{self.log_prefix}/attacked": 1.0}
+        if step.adversarial_loss is not None:
+            values[f"{self.log_prefix}/adv_loss"] = step.adversarial_loss.float()
+        if step.perturbation is not None:
+            norms = row_norms(step.perturbation.float())
+            values[f"{self.log_prefix}/perturbation_norm"] = norms.mean()
+        pl_module.log_dict(values, on_step=True, on_epoch=False)
+
+    def _end_batch(self) -> None:
+        if self._tap is not None:
+            self._tap.stop()
+        self._scheduled = False
+        self._batch = None
+        self._rng_state = None
+
+
+def _identity(value: Tensor) -> Tensor:
+    return value
+
+
+@dataclass
+class _RandomState:
+    """The CPU (and current CUDA device's) generator state at the start of a clean pass."""
+
+    cpu: Tensor
+    cuda: Tensor | None = None
+    cuda_index: int = 0
+
+    @classmethod
+    def capture(cls, device: torch.device) -> _RandomState:
+        if device.type != "cuda":
+            return cls(cpu=torch.get_rng_state())
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return cls(torch.get_rng_state(), torch.cuda.get_rng_state(index), index)
+
+    @contextmanager
+    def replayed(self) -> Iterator[None]:
+        """Run a block from this state, then put back the state the block started from."""
+        devices = [self.cuda_index] if self.cuda is not None else []
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(self.cpu)
+            if self.cuda is not None:
+                torch.cuda.set_rng_state(self.cuda, self.cuda_index)
+            yield

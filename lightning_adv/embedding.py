@@ -1,0 +1,332 @@
+"""Finding the word embedding, watching its calls, and perturbing its rows or its output.
+
+One forward hook serves both targets. During the clean pass it records each call's token
+ids and output and captures the gradient of that output. During an adversarial pass it
+adds the output-target offset (if any) and records the outputs again, so an inner ascent
+step can take the gradient with respect to them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_adv import functional as F
+
+__all__ = ["EmbeddingCall", "EmbeddingTap", "OutputSpace", "WeightRowSpace", "find_embedding"]
+
+
+def _embedding_listing(root: nn.Module) -> str:
+    names = [name or "<root>" for name, m in root.named_modules() if isinstance(m, nn.Embedding)]
+    return ", ".join(repr(n) for n in names) if names else "none"
+
+
+def _from_input_embeddings(root: nn.Module) -> list[tuple[str, nn.Embedding]]:
+    """Embeddings returned by ``get_input_embeddings()`` of ``root`` or its submodules."""
+    found: dict[int, tuple[str, nn.Embedding]] = {}
+    for name, module in root.named_modules():
+        getter = getattr(module, "get_input_embeddings", None)
+        if not callable(getter):
+            continue
+        try:
+            embedding = getter()
+        except (NotImplementedError, AttributeError):
+            continue
+        embedding = _unwrap(embedding)
+        if isinstance(embedding, nn.Embedding) and id(embedding.weight) not in found:
+            found[id(embedding.weight)] = (_name_of(root, embedding) or name, embedding)
+    return list(found.values())
+
+
+def _unwrap(module: Any) -> Any:
+    """The plain ``nn.Embedding`` inside a wrapper such as a peft LoRA layer."""
+    while not isinstance(module, nn.Embedding) and isinstance(module, nn.Module):
+        inner = getattr(module, "base_layer", None)
+        if not isinstance(inner, nn.Module):
+            break
+        module = inner
+    return module
+
+
+def _name_of(root: nn.Module, target: nn.Module) -> str | None:
+    for name, module in root.named_modules():
+        if module is target:
+            return name
+    return None
+
+
+def find_embedding(root: nn.Module, spec: str | None) -> tuple[str, nn.Embedding]:
+    """Resolve the word embedding of ``root``.
+
+    Args:
+        root: the LightningModule.
+        spec: ``None`` to ask ``get_input_embeddings()``; a dotted module path inside
+            ``root``; or a name suffix (``"word_embeddings"``) matching one ``nn.Embedding``.
+
+    Raises:
+        RuntimeError: nothing matches, or several modules do; the message lists the
+            ``nn.Embedding`` modules found.
+    """
+    listing = _embedding_listing(root)
+    if spec is None:
+        candidates = _from_input_embeddings(root)
+        if len(candidates) == 1:
+            return candidates[0]
+        if not candidates:
+            raise RuntimeError(
+                "Could not find the word embedding: no module of the LightningModule has a "
+                "`get_input_embeddings()` that returns an `nn.Embedding`. Pass `embedding=` "
+                f"with the module's name. `nn.Embedding` modules found: {listing}."
+            )
+        names = ", ".join(repr(name) for name, _ in candidates)
+        raise RuntimeError(
+            f"Found several word embeddings through `get_input_embeddings()`: {names}. "
+            "Pass `embedding=` with the one to perturb."
+        )
+
+    modules = dict(root.named_modules())
+    exact = modules.get(spec)
+    if exact is not None:
+        exact = _unwrap(exact)
+        if not isinstance(exact, nn.Embedding):
+            raise RuntimeError(
+                f"`embedding={spec!r}` names a {type(exact).__name__}, not an `nn.Embedding`. "
+                f"`nn.Embedding` modules found: {listing}."
+            )
+        return spec, exact
+
+    matches = [
+        (name, module)
+        for name, module in modules.items()
+        if isinstance(module, nn.Embedding) and (name == spec or name.endswith("." + spec))
+    ]
+    if len(matches) == 1:
+        return matches[0]
+    what = "matches no" if not matches else f"matches {len(matches)}"
+    raise RuntimeError(
+        f"`embedding={spec!r}` {what} `nn.Embedding` module; it must match exactly one. "
+        f"Pass a dotted path or a longer suffix. `nn.Embedding` modules found: {listing}."
+    )
+
+
+def modules_sharing_weight(root: nn.Module, embedding: nn.Embedding) -> list[nn.Embedding]:
+    """Every ``nn.Embedding`` in ``root`` that uses the same weight as ``embedding``."""
+    shared = [
+        module
+        for module in root.modules()
+        if isinstance(module, nn.Embedding) and module.weight is embedding.weight
+    ]
+    return shared or [embedding]
+
+
+@dataclass
+class EmbeddingCall:
+    """One call of the embedding during a pass: the ids it saw and what it returned."""
+
+    ids: Tensor
+    output: Tensor
+    grad: Tensor | None = field(default=None, repr=False)
+
+    def keep_grad(self, grad: Tensor) -> None:
+        self.grad = grad
+
+
+class EmbeddingTap:
+    """Forward hooks on every module sharing the word-embedding weight.
+
+    Args:
+        name: the embedding's name inside the LightningModule, for messages.
+        modules: the ``nn.Embedding`` modules sharing one weight.
+    """
+
+    def __init__(self, name: str, modules: list[nn.Embedding]) -> None:
+        self.name = name
+        self.modules = modules
+        self.weight: nn.Parameter = modules[0].weight
+        self.padding_idx: int | None = modules[0].padding_idx
+        self.calls: list[EmbeddingCall] = []
+        self._recording = False
+        self._capture_grads = False
+        self._offsets: list[Tensor] | None = None
+        self._handles: list[Any] = []
+
+    def attach(self) -> None:
+        self.detach()
+        self._handles = [m.register_forward_hook(self._hook) for m in self.modules]
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.stop()
+
+    def record(self, capture_grads: bool) -> None:
+        """Start recording calls (and, for the clean pass, the gradients of their outputs)."""
+        self.calls = []
+        self._recording = True
+        self._capture_grads = capture_grads
+
+    def stop(self) -> None:
+        self._recording = False
+        self._capture_grads = False
+        self._offsets = None
+
+    def take_calls(self) -> list[EmbeddingCall]:
+        calls, self.calls = self.calls, []
+        return calls
+
+    @contextmanager
+    def pass_with(self, offsets: list[Tensor] | None) -> Iterator[list[EmbeddingCall]]:
+        """Record the calls of one adversarial pass, adding ``offsets`` to the outputs."""
+        saved = (self.calls, self._recording, self._capture_grads, self._offsets)
+        calls: list[EmbeddingCall] = []
+        self.calls, self._recording, self._capture_grads = calls, True, False
+        self._offsets = offsets
+        try:
+            yield calls
+        finally:
+            self.calls, self._recording, self._capture_grads, self._offsets = saved
+
+    def _hook(self, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor | None:
+        if not self._recording or not torch.is_grad_enabled():
+            return None
+        index = len(self.calls)
+        if self._offsets is not None:
+            if index >= len(self._offsets) or self._offsets[index].shape != output.shape:
+                raise RuntimeError(
+                    f"The embedding {self.name!r} was called differently in the adversarial "
+                    "pass than in the clean pass (call count or shape changed), so the "
+                    "output-target perturbation cannot be applied. Make the loss method "
+                    "deterministic in how it calls the model, or use target='weight'."
+                )
+            output = output + self._offsets[index].to(output.dtype)
+        if not output.requires_grad:
+            # A frozen embedding: its output still carries the gradient that builds r.
+            output = output.detach().requires_grad_(True)
+        call = EmbeddingCall(ids=args[0], output=output)
+        if self._capture_grads:
+            output.register_hook(call.keep_grad)
+        self.calls.append(call)
+        return output
+
+
+def _batch_size(calls: list[EmbeddingCall], name: str) -> int:
+    sizes = {call.output.shape[0] for call in calls}
+    if len(sizes) != 1 or any(call.output.dim() < 2 for call in calls):
+        raise RuntimeError(
+            f"target='output' needs every call of the embedding {name!r} to return "
+            f"(batch, ..., hidden) with one batch size; got shapes "
+            f"{[tuple(c.output.shape) for c in calls]}. Use target='weight'."
+        )
+    return sizes.pop()
+
+
+class OutputSpace:
+    """Perturbations added to the embedding output, one row per example.
+
+    A row concatenates, for one example, the (tokens x hidden) entries of every call of the
+    embedding in a forward pass; padding positions are kept at zero.
+    """
+
+    def __init__(self, tap: EmbeddingTap, calls: list[EmbeddingCall]) -> None:
+        self.tap = tap
+        self.batch = _batch_size(calls, tap.name)
+        self.shapes = [call.output.shape for call in calls]
+        self.keep: Tensor | None = None
+        if tap.padding_idx is not None:
+            masks = [
+                (call.ids != tap.padding_idx).unsqueeze(-1).expand(call.output.shape)
+                for call in calls
+            ]
+            self.keep = self.flatten(masks)
+
+    def flatten(self, tensors: list[Tensor]) -> Tensor:
+        return torch.cat([t.reshape(self.batch, -1) for t in tensors], dim=1)
+
+    def gradient(self, grads: list[Tensor], dtype: torch.dtype) -> Tensor:
+        flat = self.flatten([g.to(dtype) for g in grads])
+        return flat if self.keep is None else torch.where(self.keep, flat, 0.0)
+
+    def mask(self, r: Tensor) -> Tensor:
+        return r if self.keep is None else torch.where(self.keep, r, 0.0)
+
+    def reference_norms(self, calls: list[EmbeddingCall], dtype: torch.dtype) -> Tensor:
+        """Per-example norm of the clean embedding output over non-padding positions."""
+        flat = self.mask(self.flatten([c.output.detach().to(dtype) for c in calls]))
+        return F.row_norms(flat)
+
+    @contextmanager
+    def applied(self, r: Tensor) -> Iterator[list[EmbeddingCall]]:
+        sizes = [shape[1:].numel() for shape in self.shapes]
+        pieces = r.split(sizes, dim=1)
+        offsets = [p.reshape(shape) for p, shape in zip(pieces, self.shapes, strict=True)]
+        with self.tap.pass_with(offsets) as calls:
+            yield calls
+
+
+class WeightRowSpace:
+    """Perturbations of the embedding rows a batch touches, as a single row.
+
+    The rows' gradient is the scatter-add of the output gradients by token id, which is
+    the weight gradient of a plain ``nn.Embedding`` restricted to this micro-batch. Only the
+    touched rows are backed up, and they are copied back into the same storage.
+    """
+
+    def __init__(self, tap: EmbeddingTap, calls: list[EmbeddingCall]) -> None:
+        self.tap = tap
+        weight = tap.weight
+        self.hidden = weight.shape[1]
+        self.ids = torch.cat([call.ids.reshape(-1) for call in calls])
+        self.inverse, row_ids = F.group_rows(self.ids)
+        keep = row_ids >= 0
+        if tap.padding_idx is not None:
+            keep = keep & (row_ids != tap.padding_idx)
+        self.keep = keep.unsqueeze(1).expand(-1, self.hidden).reshape(1, -1)
+        self._backup: Tensor | None = None
+
+    def _rows(self, tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
+        flat = torch.cat([t.reshape(-1, self.hidden).to(dtype) for t in tensors])
+        rows = torch.zeros_like(flat).index_add_(0, self.inverse, flat)
+        return rows.reshape(1, -1)
+
+    def gradient(self, grads: list[Tensor], dtype: torch.dtype) -> Tensor:
+        return torch.where(self.keep, self._rows(grads, dtype), 0.0)
+
+    def mask(self, r: Tensor) -> Tensor:
+        return torch.where(self.keep, r, 0.0)
+
+    def reference_norms(self, calls: list[EmbeddingCall], dtype: torch.dtype) -> Tensor:
+        """Frobenius norm of the touched rows (each row once), as a ``(1, 1)`` tensor."""
+        rows = self.tap.weight.detach().index_select(0, self.ids).to(dtype)
+        counts = torch.zeros_like(self.ids, dtype=dtype).index_add_(
+            0, self.inverse, torch.ones_like(self.ids, dtype=dtype)
+        )
+        # A row seen k times appears k times in `rows`: weight each copy by 1 / k.
+        weights = counts.index_select(0, self.inverse).reciprocal().unsqueeze(1)
+        return (rows.pow(2) * weights).sum().sqrt().reshape(1, 1)
+
+    @contextmanager
+    def applied(self, r: Tensor) -> Iterator[list[EmbeddingCall]]:
+        weight = self.tap.weight
+        if self._backup is None:
+            self._backup = weight.detach().index_select(0, self.ids)
+        per_position = r.reshape(-1, self.hidden).index_select(0, self.inverse)
+        perturbed = (self._backup.to(per_position.dtype) + per_position).to(weight.dtype)
+        try:
+            with torch.no_grad():
+                # Duplicated ids write identical values, so the order of writes is irrelevant.
+                weight.index_copy_(0, self.ids, perturbed)
+            with self.tap.pass_with(None) as calls:
+                yield calls
+        finally:
+            self.restore()
+
+    def restore(self) -> None:
+        if self._backup is not None:
+            with torch.no_grad():
+                self.tap.weight.index_copy_(0, self.ids, self._backup)
