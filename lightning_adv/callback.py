@@ -23,11 +23,13 @@ from lightning_adv.embedding import (
     modules_sharing_weight,
 )
 from lightning_adv.functional import row_norms
+from lightning_adv.monitor import CollapseMonitor
 from lightning_adv.step import AttackStep
 
 __all__ = ["AdversarialCallback"]
 
 Target = Literal["weight", "output"]
+EpsilonScale = Literal["absolute", "relative"]
 
 
 class AdversarialCallback(Callback):
@@ -54,6 +56,12 @@ class AdversarialCallback(Callback):
         replay_dropout: replay the clean pass's random state in every adversarial pass, so
             dropout masks match; the random stream afterwards is left as the clean pass
             left it.
+        epsilon_scale: ``"absolute"`` reads ``epsilon`` (and ``alpha``, radii) as norms;
+            ``"relative"`` as fractions of what is perturbed: each example's embedding
+            output, or the touched rows of the weight (for sign steps: of the
+            root-mean-square entry). A relative budget means the same on every model.
+        warn_on_collapse: warn once when the logged statistics show the run heading for a
+            collapse to one class (see :class:`~lightning_adv.monitor.CollapseMonitor`).
         log_prefix: prefix of the logged keys; the class name in lower case by default.
 
     Raises:
@@ -76,6 +84,8 @@ class AdversarialCallback(Callback):
         start_step: int = 0,
         every_n_steps: int = 1,
         replay_dropout: bool = True,
+        epsilon_scale: EpsilonScale = "absolute",
+        warn_on_collapse: bool = True,
         log_prefix: str | None = None,
     ) -> None:
         owner = type(self).__name__
@@ -96,6 +106,10 @@ class AdversarialCallback(Callback):
         self.start_step = check_count(owner, "start_step", start_step, 0)
         self.every_n_steps = check_count(owner, "every_n_steps", every_n_steps, 1)
         self.replay_dropout = bool(replay_dropout)
+        self.epsilon_scale: EpsilonScale = check_choice(  # type: ignore[assignment]
+            owner, "epsilon_scale", epsilon_scale, ("absolute", "relative")
+        )
+        self.warn_on_collapse = bool(warn_on_collapse)
         self.log_prefix = log_prefix if log_prefix is not None else owner.lower()
 
         self.attacked_steps = 0
@@ -106,6 +120,9 @@ class AdversarialCallback(Callback):
         self._batch: Any = None
         self._batch_idx = 0
         self._rng_state: _RandomState | None = None
+        self._clean_loss_seen: Tensor | None = None
+        self._adv_loss_seen: Tensor | None = None
+        self._monitor: CollapseMonitor | None = None
 
     def attack(self, step: AttackStep) -> None:
         """Build the perturbation from ``step.clean_gradient`` and run the extra passes."""
@@ -140,6 +157,8 @@ class AdversarialCallback(Callback):
         name, embedding = find_embedding(pl_module, self.embedding)
         self._tap = EmbeddingTap(name, modules_sharing_weight(pl_module, embedding))
         self._tap.attach()
+        epsilon = getattr(self, "epsilon", None)
+        self._monitor = CollapseMonitor(owner, epsilon if isinstance(epsilon, float) else None)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._tap is not None:
@@ -161,6 +180,11 @@ class AdversarialCallback(Callback):
         if self.replay_dropout:
             self._rng_state = _RandomState.capture(pl_module.device)
         self._tap.record(capture_grads=True)
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           loss: Tensor) -> None:
+        if not self._busy:
+            self._clean_loss_seen = loss.detach()
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._busy or self._tap is None:
@@ -186,7 +210,7 @@ class AdversarialCallback(Callback):
             self._busy = False
             self._tap.record(capture_grads=True)
         self._attacked_this_batch = True
-        self._log_attack(pl_module, step)
+        self._log_attack(trainer, pl_module, step)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -230,6 +254,7 @@ class AdversarialCallback(Callback):
             scale=scaler.scale if scaler is not None else _identity,  # type: ignore[arg-type]
             replay=self._replayed_rng if self.replay_dropout else None,
             loss_fn=self.loss_fn,
+            epsilon_scale=self.epsilon_scale,
         )
 
     def _run_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
@@ -245,13 +270,15 @@ class AdversarialCallback(Callback):
         # Scaled as Lightning scales the clean loss: divided over accumulated micro-batches
         # (automatic optimization only), then by the AMP loss scale. A direct backward
         # fires no Lightning hook, so nothing runs twice and nothing recurses.
-        loss = value * self.adv_weight
+        loss = value
         if pl_module.automatic_optimization:
             loss = loss / trainer.accumulate_grad_batches
         scaler = _lightning.grad_scaler(trainer)
         if scaler is not None:
             loss = scaler.scale(loss)
-        loss.backward()
+        # Transformed like the loss `on_before_backward` saw, for the adversarial/clean ratio.
+        self._adv_loss_seen = loss.detach()
+        (loss * self.adv_weight).backward()
 
     @contextmanager
     def _replayed_rng(self) -> Iterator[None]:
@@ -261,14 +288,30 @@ class AdversarialCallback(Callback):
             with self._rng_state.replayed():
                 yield
 
-    def _log_attack(self, pl_module: pl.LightningModule, step: AttackStep) -> None:
-        values: dict[str, Any] = {f"{self.log_prefix}/attacked": 1.0}
-        if step.adversarial_loss is not None:
-            values[f"{self.log_prefix}/adv_loss"] = step.adversarial_loss.float()
-        if step.perturbation is not None:
-            norms = row_norms(step.perturbation.float())
-            values[f"{self.log_prefix}/perturbation_norm"] = norms.mean()
+    def _log_attack(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                    step: AttackStep) -> None:
+        if step.adversarial_loss is None or step.perturbation is None:
+            return  # a method that ran no adversarial backward
+        prefix = self.log_prefix
+        mean_size, largest_size = step.relative_sizes(step.perturbation)
+        values: dict[str, Any] = {
+            f"{prefix}/attacked": 1.0,
+            f"{prefix}/adv_loss": step.adversarial_loss.float(),
+            f"{prefix}/perturbation_norm": row_norms(step.perturbation.float()).mean(),
+            f"{prefix}/rel_size_mean": mean_size.float(),
+            f"{prefix}/rel_size_max": largest_size.float(),
+        }
+        clean_loss = None
+        if self._clean_loss_seen is not None and self._adv_loss_seen is not None:
+            ratio = (self._adv_loss_seen / self._clean_loss_seen).float()
+            values[f"{prefix}/adv_clean_ratio"] = ratio
+            clean_loss = step.adversarial_loss.float() / ratio
         pl_module.log_dict(values, on_step=True, on_epoch=False)
+
+        if self.warn_on_collapse and self._monitor is not None:
+            self._monitor.update(largest_size, clean_loss, step.classes)
+            if self.attacked_steps % max(trainer.log_every_n_steps, 1) == 0:
+                self._monitor.check()
 
     def _end_batch(self) -> None:
         if self._tap is not None:

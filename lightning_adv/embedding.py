@@ -235,6 +235,8 @@ class OutputSpace:
 
     def __init__(self, tap: EmbeddingTap, calls: list[EmbeddingCall]) -> None:
         self.tap = tap
+        self.calls = calls
+        self.hidden = tap.weight.shape[1]
         self.batch = _batch_size(calls, tap.name)
         self.shapes = [call.output.shape for call in calls]
         self.keep: Tensor | None = None
@@ -255,10 +257,9 @@ class OutputSpace:
     def mask(self, r: Tensor) -> Tensor:
         return r if self.keep is None else torch.where(self.keep, r, 0.0)
 
-    def reference_norms(self, calls: list[EmbeddingCall], dtype: torch.dtype) -> Tensor:
-        """Per-example norm of the clean embedding output over non-padding positions."""
-        flat = self.mask(self.flatten([c.output.detach().to(dtype) for c in calls]))
-        return F.row_norms(flat)
+    def reference(self, dtype: torch.dtype) -> Tensor:
+        """The clean embedding output in perturbation shape, padding zeroed."""
+        return self.mask(self.flatten([c.output.detach().to(dtype) for c in self.calls]))
 
     @contextmanager
     def applied(self, r: Tensor) -> Iterator[list[EmbeddingCall]]:
@@ -282,10 +283,10 @@ class WeightRowSpace:
         weight = tap.weight
         self.hidden = weight.shape[1]
         self.ids = torch.cat([call.ids.reshape(-1) for call in calls])
-        self.inverse, row_ids = F.group_rows(self.ids)
-        keep = row_ids >= 0
+        self.inverse, self.row_ids = F.group_rows(self.ids)
+        keep = self.row_ids >= 0
         if tap.padding_idx is not None:
-            keep = keep & (row_ids != tap.padding_idx)
+            keep = keep & (self.row_ids != tap.padding_idx)
         self.keep = keep.unsqueeze(1).expand(-1, self.hidden).reshape(1, -1)
         self._backup: Tensor | None = None
 
@@ -300,15 +301,10 @@ class WeightRowSpace:
     def mask(self, r: Tensor) -> Tensor:
         return torch.where(self.keep, r, 0.0)
 
-    def reference_norms(self, calls: list[EmbeddingCall], dtype: torch.dtype) -> Tensor:
-        """Frobenius norm of the touched rows (each row once), as a ``(1, 1)`` tensor."""
-        rows = self.tap.weight.detach().index_select(0, self.ids).to(dtype)
-        counts = torch.zeros_like(self.ids, dtype=dtype).index_add_(
-            0, self.inverse, torch.ones_like(self.ids, dtype=dtype)
-        )
-        # A row seen k times appears k times in `rows`: weight each copy by 1 / k.
-        weights = counts.index_select(0, self.inverse).reciprocal().unsqueeze(1)
-        return (rows.pow(2) * weights).sum().sqrt().reshape(1, 1)
+    def reference(self, dtype: torch.dtype) -> Tensor:
+        """The touched rows of the weight (each once) in perturbation shape, padding zeroed."""
+        rows = self.tap.weight.detach().index_select(0, self.row_ids.clamp_min(0))
+        return self.mask(rows.to(dtype).reshape(1, -1))
 
     @contextmanager
     def applied(self, r: Tensor) -> Iterator[list[EmbeddingCall]]:

@@ -40,5 +40,5 @@ class FGM(AdversarialCallback):
         self.epsilon = check_non_negative("FGM", "epsilon", epsilon, "1.0")
 
     def attack(self, step: AttackStep) -> None:
-        r = self.epsilon * l2_direction(step.clean_gradient)
+        r = step.l2_budget(self.epsilon) * l2_direction(step.clean_gradient)
         step.backward_at(r)

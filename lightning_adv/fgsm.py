@@ -43,5 +43,5 @@ class FGSM(AdversarialCallback):
         self.epsilon = check_non_negative("FGSM", "epsilon", epsilon, "1e-3")
 
     def attack(self, step: AttackStep) -> None:
-        r = step.mask(self.epsilon * sign_direction(step.clean_gradient))
+        r = step.mask(step.entry_budget(self.epsilon) * sign_direction(step.clean_gradient))
         step.backward_at(r)

@@ -17,6 +17,7 @@ __all__ = [
     "l2_direction",
     "project_l2",
     "project_linf",
+    "relative_sizes",
     "row_norms",
     "sign_direction",
     "symmetric_kl",
@@ -59,6 +60,27 @@ def project_linf(r: Tensor, radius: float | Tensor) -> Tensor:
     if isinstance(radius, Tensor):
         return torch.maximum(torch.minimum(r, radius), -radius)
     return r.clamp(-radius, radius)
+
+
+def relative_sizes(r: Tensor, reference: Tensor, unit: int) -> tuple[Tensor, Tensor]:
+    """How large a perturbation is next to what it perturbs.
+
+    Args:
+        r: perturbation, shape ``(B, D)``.
+        reference: the clean values ``r`` is added to, same shape.
+        unit: entries per vector (the hidden size): ``D`` splits into tokens or rows.
+
+    Returns:
+        ``(mean, largest)``: the mean over rows of ``||r_b|| / ||reference_b||``, and the
+        largest ``||r_u|| / ||reference_u||`` over single tokens or weight rows ``u``
+        (vectors whose reference is zero, i.e. padding, are left out).
+    """
+    tiny = torch.finfo(reference.dtype).tiny
+    per_row = row_norms(r) / row_norms(reference).clamp_min(tiny)
+    r_units = torch.linalg.vector_norm(r.reshape(r.shape[0], -1, unit), dim=2)
+    ref_units = torch.linalg.vector_norm(reference.reshape(r.shape[0], -1, unit), dim=2)
+    per_unit = torch.where(ref_units > 0, r_units / ref_units.clamp_min(tiny), 0.0)
+    return per_row.mean(), per_unit.max()
 
 
 def symmetric_kl(logits_p: Tensor, logits_q: Tensor) -> Tensor:

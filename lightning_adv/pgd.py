@@ -48,10 +48,11 @@ class PGD(AdversarialCallback):
         self.steps = check_count("PGD", "steps", steps, 1)
 
     def attack(self, step: AttackStep) -> None:
+        radius, alpha = step.l2_budget(self.epsilon), step.l2_budget(self.alpha)
         r = step.zeros()
         gradient = step.clean_gradient
         for t in range(self.steps):
             if t > 0:
                 gradient = step.gradient_at(r)
-            r = project_l2(r + self.alpha * l2_direction(gradient), self.epsilon)
+            r = project_l2(r + alpha * l2_direction(gradient), radius)
         step.backward_at(r)

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from lightning_adv.embedding import EmbeddingCall, OutputSpace, WeightRowSpace
+from lightning_adv.functional import relative_sizes, row_norms
 
 __all__ = ["AttackStep", "Forward", "parse_loss_output"]
 
@@ -67,6 +68,7 @@ class AttackStep:
         scale: multiplies a loss before ``torch.autograd.grad`` (the AMP loss scale).
         replay: context manager that replays the clean pass's random state.
         loss_fn: the loss method's name, for messages.
+        epsilon_scale: ``"absolute"`` or ``"relative"``: how budgets are read.
     """
 
     def __init__(
@@ -78,8 +80,11 @@ class AttackStep:
         scale: Callable[[Tensor], Tensor],
         replay: Callable[[], AbstractContextManager[None]] | None,
         loss_fn: str,
+        epsilon_scale: str = "absolute",
     ) -> None:
         self.space = space
+        self.epsilon_scale = epsilon_scale
+        self._reference: Tensor | None = None
         self.clean_calls = calls
         self._run_loss = run_loss
         self._backward = backward
@@ -94,6 +99,7 @@ class AttackStep:
         self.clean_gradient = space.gradient(grads, self.dtype)
         self.adversarial_loss: Tensor | None = None
         self.perturbation: Tensor | None = None
+        self.classes: int | None = None
 
     def zeros(self) -> Tensor:
         return torch.zeros_like(self.clean_gradient)
@@ -102,10 +108,35 @@ class AttackStep:
         """Zero the entries of ``r`` that belong to padding."""
         return self.space.mask(r)
 
-    def reference_norms(self) -> Tensor:
-        """Norm of what is perturbed, per row: each example's clean embedding output, or the
-        touched rows of the weight. Shape ``(examples, 1)``."""
-        return self.space.reference_norms(self.clean_calls, self.dtype)
+    @property
+    def reference(self) -> Tensor:
+        """What is perturbed, in perturbation shape: each example's clean embedding output,
+        or the touched rows of the weight; padding zeroed."""
+        if self._reference is None:
+            self._reference = self.space.reference(self.dtype)
+        return self._reference
+
+    def l2_budget(self, value: float) -> float | Tensor:
+        """An L2 radius or step size: ``value`` itself, or with ``epsilon_scale="relative"``,
+        ``value`` times each row's norm of what is perturbed (shape ``(examples, 1)``)."""
+        if self.epsilon_scale == "absolute":
+            return value
+        return value * row_norms(self.reference)
+
+    def entry_budget(self, value: float) -> float | Tensor:
+        """A per-entry size (sign steps, L-infinity balls): ``value`` itself, or with
+        ``epsilon_scale="relative"``, ``value`` times the root-mean-square entry of what is
+        perturbed, per row."""
+        if self.epsilon_scale == "absolute":
+            return value
+        entries = self.space.keep.sum(dim=1, keepdim=True) if self.space.keep is not None \
+            else torch.full_like(self.reference[:, :1], self.reference.shape[1])
+        return value * row_norms(self.reference) / entries.clamp_min(1).to(self.dtype).sqrt()
+
+    def relative_sizes(self, r: Tensor) -> tuple[Tensor, Tensor]:
+        """``(mean, largest)`` size of ``r`` relative to what it perturbs; see
+        :func:`lightning_adv.functional.relative_sizes`."""
+        return relative_sizes(r.to(self.dtype), self.reference, self.space.hidden)
 
     @contextmanager
     def forward_at(self, r: Tensor) -> Iterator[Forward]:
@@ -116,6 +147,8 @@ class AttackStep:
             with replay:
                 output = self._run_loss()
             loss, logits = parse_loss_output(output, self._loss_fn)
+            if logits is not None:
+                self.classes = logits.shape[-1]
             yield Forward(loss=loss, raw_logits=logits, calls=calls, loss_fn=self._loss_fn)
 
     def perturbation_gradient(self, value: Tensor, forward: Forward) -> Tensor:

@@ -1,0 +1,96 @@
+"""A warning before adversarial training collapses the model to one class."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+
+__all__ = ["CollapseMonitor"]
+
+
+class CollapseMonitor:
+    """Watches an attack's statistics and warns once per cause when a run heads for collapse.
+
+    Statistics are folded into device tensors at every attacked step; they are read on the
+    host only in :meth:`check`, which the callback calls when Lightning logs anyway (every
+    ``log_every_n_steps`` attacked steps), so the attack path itself never synchronises.
+
+    Two signs, each from runs that collapsed to one class:
+
+    - the largest perturbation of one token (output target) or one row (weight target) is
+      larger than the vector it perturbs (``largest_limit``, default 1);
+    - the clean training loss, after having fallen below ``0.85 * ln(classes)``, climbs back
+      to within 5 % of chance level ``ln(classes)`` while the attack is on.
+
+    Args:
+        owner: the callback's class name, for messages.
+        epsilon: the callback's epsilon, used to suggest a smaller value.
+        largest_limit: relative size of one token or row above which to warn.
+    """
+
+    def __init__(self, owner: str, epsilon: float | None, largest_limit: float = 1.0) -> None:
+        self.owner = owner
+        self.epsilon = epsilon
+        self.largest_limit = largest_limit
+        self.classes: int | None = None
+        self.warned: set[str] = set()
+        self._largest: Tensor | None = None
+        self._clean_loss: Tensor | None = None
+        self._learned = False
+
+    def update(self, largest: Tensor, clean_loss: Tensor | None, classes: int | None) -> None:
+        """Fold in one attacked step; device operations only."""
+        largest = largest.detach().float()
+        self._largest = largest if self._largest is None else torch.maximum(self._largest, largest)
+        if clean_loss is not None:
+            clean_loss = clean_loss.detach().float()
+            if self._clean_loss is None:
+                self._clean_loss = clean_loss
+            else:
+                self._clean_loss = 0.9 * self._clean_loss + 0.1 * clean_loss
+        if classes is not None and classes > 1:
+            self.classes = classes
+
+    def check(self) -> list[str]:
+        """Read the folded statistics on the host, warn about new causes, and reset."""
+        messages = []
+        largest = self._largest.item() if self._largest is not None else 0.0
+        self._largest = None
+        if largest > self.largest_limit and "largest" not in self.warned:
+            messages.append(self._largest_message(largest))
+            self.warned.add("largest")
+
+        if self._clean_loss is not None and self.classes is not None:
+            chance = math.log(self.classes)
+            clean = self._clean_loss.item()
+            if clean < 0.85 * chance:
+                self._learned = True
+            elif self._learned and clean > 0.95 * chance and "chance" not in self.warned:
+                messages.append(self._chance_message(clean, chance))
+                self.warned.add("chance")
+
+        for message in messages:
+            rank_zero_warn(message, category=UserWarning)
+        return messages
+
+    def _largest_message(self, largest: float) -> str:
+        suggestion = ""
+        if self.epsilon:
+            suggestion = f" (try `epsilon={self.epsilon / (2 * largest):.3g}`)"
+        return (
+            f"{self.owner}: the largest perturbation of a single token or embedding row is "
+            f"{largest:.2f} times the vector it perturbs: training is likely to collapse to "
+            f"one class. Lower `epsilon`{suggestion}, or use `epsilon_scale='relative'`, "
+            "which sizes the perturbation to the embeddings of this model."
+        )
+
+    def _chance_message(self, clean: float, chance: float) -> str:
+        return (
+            f"{self.owner}: the clean training loss has climbed back to {clean:.3f}, chance "
+            f"level for {self.classes} classes is {chance:.3f}: the attack is likely "
+            "drowning the input. Lower `epsilon` (try a tenth of it), or use "
+            "`epsilon_scale='relative'`."
+        )
