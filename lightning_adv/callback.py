@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
@@ -14,6 +14,7 @@ from torch import Tensor
 
 from lightning_adv import _lightning
 from lightning_adv._checks import check_choice, check_count, check_non_negative
+from lightning_adv._state import CleanGradientWeight, RandomState
 from lightning_adv.embedding import (
     EmbeddingCall,
     EmbeddingTap,
@@ -24,7 +25,7 @@ from lightning_adv.embedding import (
 )
 from lightning_adv.functional import row_norms
 from lightning_adv.monitor import CollapseMonitor
-from lightning_adv.step import AttackStep
+from lightning_adv.step import AttackStep, parse_loss_output
 
 __all__ = ["AdversarialCallback"]
 
@@ -62,6 +63,9 @@ class AdversarialCallback(Callback):
             root-mean-square entry). A relative budget means the same on every model.
         warn_on_collapse: warn once when the logged statistics show the run heading for a
             collapse to one class (see :class:`~lightning_adv.monitor.CollapseMonitor`).
+        seed: seed of the callback's own random generator (random starts, noise); by
+            default derived from ``torch.initial_seed()``, so ``seed_everything`` fixes it.
+            The global random stream is never drawn from.
         log_prefix: prefix of the logged keys; the class name in lower case by default.
 
     Raises:
@@ -73,6 +77,12 @@ class AdversarialCallback(Callback):
 
     #: Names of the subclass arguments that identify an instance in a checkpoint.
     identity: ClassVar[tuple[str, ...]] = ()
+    #: Targets the method supports.
+    targets: ClassVar[tuple[str, ...]] = ("weight", "output")
+    #: Whether the method perturbs the word embedding (AWP perturbs other weights).
+    needs_embedding: ClassVar[bool] = True
+    #: Whether the method compares against the clean pass's logits (SMART, VAT, R3F).
+    needs_clean_logits: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -86,10 +96,11 @@ class AdversarialCallback(Callback):
         replay_dropout: bool = True,
         epsilon_scale: EpsilonScale = "absolute",
         warn_on_collapse: bool = True,
+        seed: int | None = None,
         log_prefix: str | None = None,
     ) -> None:
         owner = type(self).__name__
-        self.target: Target = check_choice(owner, "target", target, ("weight", "output"))  # type: ignore[assignment]
+        self.target: Target = check_choice(owner, "target", target, self.targets)  # type: ignore[assignment]
         if embedding is not None and (not isinstance(embedding, str) or not embedding):
             raise TypeError(
                 f"{owner}: `embedding` must be None or a module name such as "
@@ -100,6 +111,8 @@ class AdversarialCallback(Callback):
                 f"{owner}: `loss_fn` must be the name of a LightningModule method such as "
                 f"'training_step' or 'compute_loss', got {loss_fn!r}."
             )
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"{owner}: `seed` must be None or a whole number, got {seed!r}.")
         self.embedding = embedding
         self.loss_fn = loss_fn
         self.adv_weight = check_non_negative(owner, "adv_weight", adv_weight, "1.0")
@@ -110,23 +123,48 @@ class AdversarialCallback(Callback):
             owner, "epsilon_scale", epsilon_scale, ("absolute", "relative")
         )
         self.warn_on_collapse = bool(warn_on_collapse)
+        self.seed = seed
         self.log_prefix = log_prefix if log_prefix is not None else owner.lower()
+        #: Weight of this micro-batch's clean gradient in ``.grad`` (FreeLB exposes it).
+        self.clean_weight = 1.0
 
         self.attacked_steps = 0
+        self.generator: torch.Generator | None = None
+        self._generator_state: Tensor | None = None
         self._tap: EmbeddingTap | None = None
+        self._monitor: CollapseMonitor | None = None
+        self._unwrap_loss_fn: Any = None
+        self._reset_step()
+
+    def _reset_step(self) -> None:
         self._scheduled = False
         self._attacked_this_batch = False
         self._busy = False
         self._batch: Any = None
         self._batch_idx = 0
-        self._rng_state: _RandomState | None = None
+        self._rng_state: RandomState | None = None
+        self._clean_logits: Tensor | None = None
         self._clean_loss_seen: Tensor | None = None
         self._adv_loss_seen: Tensor | None = None
-        self._monitor: CollapseMonitor | None = None
+        self._clean_weighting: CleanGradientWeight | None = None
 
     def attack(self, step: AttackStep) -> None:
         """Build the perturbation from ``step.clean_gradient`` and run the extra passes."""
         raise NotImplementedError(f"{type(self).__name__} must implement `attack(step)`.")
+
+    def attack_batch(self, batch: Any) -> Any:
+        """The batch the loss method is called on in the adversarial passes.
+
+        The training batch by default; VAT returns the unlabelled part of a combined batch.
+        When this returns another object, the step is built from a forward on it without
+        gradient, and ``step.clean_gradient`` is zero.
+        """
+        return batch
+
+    @property
+    def in_clean_pass(self) -> bool:
+        """True between the start of an attacked batch and its clean backward's end."""
+        return self._scheduled and not self._busy
 
     @property
     def state_key(self) -> str:
@@ -136,10 +174,16 @@ class AdversarialCallback(Callback):
         )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"attacked_steps": self.attacked_steps}
+        state: dict[str, Any] = {"attacked_steps": self.attacked_steps}
+        if self.generator is not None:
+            state["generator"] = self.generator.get_state()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.attacked_steps = int(state_dict.get("attacked_steps", 0))
+        self._generator_state = state_dict.get("generator")
+        if self.generator is not None and self._generator_state is not None:
+            self.generator.set_state(self._generator_state)
 
     def is_attack_step(self, global_step: int) -> bool:
         """Whether the optimizer step ``global_step`` is attacked by the schedule."""
@@ -154,9 +198,13 @@ class AdversarialCallback(Callback):
         owner = type(self).__name__
         _lightning.check_strategy(trainer, owner)
         self._check_loss_fn(pl_module)
-        name, embedding = find_embedding(pl_module, self.embedding)
-        self._tap = EmbeddingTap(name, modules_sharing_weight(pl_module, embedding))
-        self._tap.attach()
+        if self.needs_embedding:
+            name, embedding = find_embedding(pl_module, self.embedding)
+            self._tap = EmbeddingTap(name, modules_sharing_weight(pl_module, embedding))
+            self._tap.attach()
+        if self.needs_clean_logits:
+            self._wrap_loss_fn(pl_module)
+        self._make_generator(pl_module.device)
         epsilon = getattr(self, "epsilon", None)
         self._monitor = CollapseMonitor(owner, epsilon if isinstance(epsilon, float) else None)
 
@@ -164,6 +212,9 @@ class AdversarialCallback(Callback):
         if self._tap is not None:
             self._tap.detach()
             self._tap = None
+        if self._unwrap_loss_fn is not None:
+            self._unwrap_loss_fn()
+            self._unwrap_loss_fn = None
         self._end_batch()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -172,35 +223,43 @@ class AdversarialCallback(Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                              batch: Any, batch_idx: int) -> None:
-        self._scheduled = self._tap is not None and self.is_attack_step(trainer.global_step)
-        self._attacked_this_batch = False
-        if not self._scheduled or self._tap is None:
+        self._reset_step()
+        self._scheduled = self.is_attack_step(trainer.global_step)
+        if not self._scheduled:
             return
         self._batch, self._batch_idx = batch, batch_idx
         if self.replay_dropout:
-            self._rng_state = _RandomState.capture(pl_module.device)
-        self._tap.record(capture_grads=True)
+            self._rng_state = RandomState.capture(pl_module.device)
+        if self._tap is not None:
+            self._tap.record(capture_grads=True)
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            loss: Tensor) -> None:
-        if not self._busy:
-            self._clean_loss_seen = loss.detach()
+        if not self.in_clean_pass:
+            return
+        self._clean_loss_seen = loss.detach()
+        if self.clean_weight != 1.0:
+            self._clean_weighting = CleanGradientWeight(self.clean_weight)
+            self._clean_weighting.before_backward(pl_module)
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._busy or self._tap is None:
+        if self._busy:
             return
         if not self._scheduled:
             pl_module.log(f"{self.log_prefix}/attacked", 0.0, on_step=True, on_epoch=False)
             return
-        calls = self._tap.take_calls()
-        if not calls:
-            if self._attacked_this_batch:
-                return  # a further backward of a manual step, with no new forward
+        calls = self._tap.take_calls() if self._tap is not None else []
+        if self._attacked_this_batch and (self._tap is None or not calls):
+            return  # a further backward of a manual step, with no new forward
+        if self._tap is not None and not calls and self.attack_batch(self._batch) is self._batch:
             raise RuntimeError(
                 f"{type(self).__name__}: the embedding {self._tap.name!r} was not called in "
                 f"the forward pass of this training step, so it cannot be attacked. Pass "
                 f"`embedding=` with the embedding module that `{self.loss_fn}` really calls."
             )
+        if self._clean_weighting is not None:
+            self._clean_weighting.after_backward()
+            self._clean_weighting = None
 
         self._busy = True
         try:
@@ -208,7 +267,8 @@ class AdversarialCallback(Callback):
             self.attack(step)
         finally:
             self._busy = False
-            self._tap.record(capture_grads=True)
+            if self._tap is not None:
+                self._tap.record(capture_grads=True)
         self._attacked_this_batch = True
         self._log_attack(trainer, pl_module, step)
 
@@ -237,14 +297,50 @@ class AdversarialCallback(Callback):
                 "returning the loss, or pass the name of an existing method."
             )
 
+    def _wrap_loss_fn(self, pl_module: pl.LightningModule) -> None:
+        """Keep the logits the loss method returns during the clean pass, for free."""
+        original = getattr(pl_module, self.loss_fn)
+        shadowed = self.loss_fn in pl_module.__dict__
+
+        @functools.wraps(original)
+        def recording(*args: Any, **kwargs: Any) -> Any:
+            output = original(*args, **kwargs)
+            if self.in_clean_pass:
+                _, logits = parse_loss_output(output)
+                if logits is not None:
+                    self._clean_logits = logits.detach()
+            return output
+
+        object.__setattr__(pl_module, self.loss_fn, recording)
+
+        def unwrap() -> None:
+            if shadowed:
+                object.__setattr__(pl_module, self.loss_fn, original)
+            else:
+                pl_module.__dict__.pop(self.loss_fn, None)
+
+        self._unwrap_loss_fn = unwrap
+
+    def _make_generator(self, device: torch.device) -> None:
+        self.generator = torch.Generator(device=device)
+        seed = self.seed if self.seed is not None else torch.initial_seed() % 2**63
+        self.generator.manual_seed(seed)
+        if self._generator_state is not None:
+            self.generator.set_state(self._generator_state)
+
     def _attack_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                      calls: list[EmbeddingCall]) -> AttackStep:
-        assert self._tap is not None
-        space: OutputSpace | WeightRowSpace
-        if self.target == "weight":
-            space = WeightRowSpace(self._tap, calls)
-        else:
-            space = OutputSpace(self._tap, calls)
+        clean_logits = self._clean_logits
+        batch = self.attack_batch(self._batch)
+        if batch is not self._batch:
+            calls, clean_logits = self._reference_pass(trainer, pl_module, batch)
+            self._batch = batch
+        space: OutputSpace | WeightRowSpace | None = None
+        if self._tap is not None:
+            if self.target == "weight":
+                space = WeightRowSpace(self._tap, calls)
+            else:
+                space = OutputSpace(self._tap, calls)
         scaler = _lightning.grad_scaler(trainer)
         return AttackStep(
             space=space,
@@ -255,7 +351,29 @@ class AdversarialCallback(Callback):
             replay=self._replayed_rng if self.replay_dropout else None,
             loss_fn=self.loss_fn,
             epsilon_scale=self.epsilon_scale,
+            clean_logits=clean_logits,
+            generator=self.generator,
         )
+
+    def _reference_pass(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                        batch: Any) -> tuple[list[EmbeddingCall], Tensor | None]:
+        """A forward without gradient on ``batch``: its embedding calls and its logits."""
+        assert self._tap is not None
+        saved, self._batch = self._batch, batch
+        try:
+            with torch.no_grad(), self._tap.pass_with(None, without_grad=True) as calls, \
+                    self._replayed_rng():
+                output = self._run_loss(trainer, pl_module)
+        finally:
+            self._batch = saved
+        if not calls:
+            raise RuntimeError(
+                f"{type(self).__name__}: the embedding {self._tap.name!r} was not called when "
+                f"`{self.loss_fn}` ran on the attacked part of the batch. Pass `embedding=` "
+                "with the embedding module that it really calls."
+            )
+        _, logits = parse_loss_output(output)
+        return calls, None if logits is None else logits.detach()
 
     def _run_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
         with trainer.precision_plugin.train_step_context(), _lightning.suppressed_logging(
@@ -277,7 +395,8 @@ class AdversarialCallback(Callback):
         if scaler is not None:
             loss = scaler.scale(loss)
         # Transformed like the loss `on_before_backward` saw, for the adversarial/clean ratio.
-        self._adv_loss_seen = loss.detach()
+        seen = loss.detach()
+        self._adv_loss_seen = seen if self._adv_loss_seen is None else self._adv_loss_seen + seen
         (loss * self.adv_weight).backward()
 
     @contextmanager
@@ -290,62 +409,37 @@ class AdversarialCallback(Callback):
 
     def _log_attack(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                     step: AttackStep) -> None:
-        if step.adversarial_loss is None or step.perturbation is None:
-            return  # a method that ran no adversarial backward
         prefix = self.log_prefix
-        mean_size, largest_size = step.relative_sizes(step.perturbation)
-        values: dict[str, Any] = {
-            f"{prefix}/attacked": 1.0,
-            f"{prefix}/adv_loss": step.adversarial_loss.float(),
-            f"{prefix}/perturbation_norm": row_norms(step.perturbation.float()).mean(),
-            f"{prefix}/rel_size_mean": mean_size.float(),
-            f"{prefix}/rel_size_max": largest_size.float(),
-        }
+        values: dict[str, Any] = {f"{prefix}/attacked": 1.0}
+        largest_size = None
+        if step.adversarial_loss is not None:
+            values[f"{prefix}/adv_loss"] = step.adversarial_loss.float()
+        if step.perturbation is not None:
+            mean_size, largest_size = step.relative_sizes(step.perturbation)
+            values[f"{prefix}/perturbation_norm"] = row_norms(step.perturbation.float()).mean()
+            values[f"{prefix}/rel_size_mean"] = mean_size.float()
+            values[f"{prefix}/rel_size_max"] = largest_size.float()
+        for name, value in step.logs.items():
+            values[f"{prefix}/{name}"] = value
         clean_loss = None
         if self._clean_loss_seen is not None and self._adv_loss_seen is not None:
             ratio = (self._adv_loss_seen / self._clean_loss_seen).float()
             values[f"{prefix}/adv_clean_ratio"] = ratio
-            clean_loss = step.adversarial_loss.float() / ratio
+            if step.adversarial_loss is not None:
+                clean_loss = step.adversarial_loss.float() / ratio
         pl_module.log_dict(values, on_step=True, on_epoch=False)
 
         if self.warn_on_collapse and self._monitor is not None:
-            self._monitor.update(largest_size, clean_loss, step.classes)
+            largest = step.logs.get("rel_size_max", largest_size)
+            self._monitor.update(largest, clean_loss, step.classes)
             if self.attacked_steps % max(trainer.log_every_n_steps, 1) == 0:
                 self._monitor.check()
 
     def _end_batch(self) -> None:
         if self._tap is not None:
             self._tap.stop()
-        self._scheduled = False
-        self._batch = None
-        self._rng_state = None
+        self._reset_step()
 
 
 def _identity(value: Tensor) -> Tensor:
     return value
-
-
-@dataclass
-class _RandomState:
-    """The CPU (and current CUDA device's) generator state at the start of a clean pass."""
-
-    cpu: Tensor
-    cuda: Tensor | None = None
-    cuda_index: int = 0
-
-    @classmethod
-    def capture(cls, device: torch.device) -> _RandomState:
-        if device.type != "cuda":
-            return cls(cpu=torch.get_rng_state())
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return cls(torch.get_rng_state(), torch.cuda.get_rng_state(index), index)
-
-    @contextmanager
-    def replayed(self) -> Iterator[None]:
-        """Run a block from this state, then put back the state the block started from."""
-        devices = [self.cuda_index] if self.cuda is not None else []
-        with torch.random.fork_rng(devices=devices):
-            torch.set_rng_state(self.cpu)
-            if self.cuda is not None:
-                torch.cuda.set_rng_state(self.cuda, self.cuda_index)
-            yield

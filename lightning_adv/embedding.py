@@ -153,6 +153,7 @@ class EmbeddingTap:
         self._recording = False
         self._capture_grads = False
         self._offsets: list[Tensor] | None = None
+        self._without_grad = False
         self._handles: list[Any] = []
 
     def attach(self) -> None:
@@ -181,19 +182,25 @@ class EmbeddingTap:
         return calls
 
     @contextmanager
-    def pass_with(self, offsets: list[Tensor] | None) -> Iterator[list[EmbeddingCall]]:
-        """Record the calls of one adversarial pass, adding ``offsets`` to the outputs."""
-        saved = (self.calls, self._recording, self._capture_grads, self._offsets)
+    def pass_with(self, offsets: list[Tensor] | None,
+                  without_grad: bool = False) -> Iterator[list[EmbeddingCall]]:
+        """Record the calls of one pass, adding ``offsets`` to the outputs. With
+        ``without_grad`` the calls are recorded under ``torch.no_grad()`` too."""
+        saved = (
+            self.calls, self._recording, self._capture_grads, self._offsets, self._without_grad
+        )
         calls: list[EmbeddingCall] = []
         self.calls, self._recording, self._capture_grads = calls, True, False
-        self._offsets = offsets
+        self._offsets, self._without_grad = offsets, without_grad
         try:
             yield calls
         finally:
-            self.calls, self._recording, self._capture_grads, self._offsets = saved
+            (self.calls, self._recording, self._capture_grads, self._offsets,
+             self._without_grad) = saved
 
     def _hook(self, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor | None:
-        if not self._recording or not torch.is_grad_enabled():
+        grad_enabled = torch.is_grad_enabled()
+        if not self._recording or not (grad_enabled or self._without_grad):
             return None
         index = len(self.calls)
         if self._offsets is not None:
@@ -205,7 +212,7 @@ class EmbeddingTap:
                     "deterministic in how it calls the model, or use target='weight'."
                 )
             output = output + self._offsets[index].to(output.dtype)
-        if not output.requires_grad:
+        if grad_enabled and not output.requires_grad:
             # A frozen embedding: its output still carries the gradient that builds r.
             output = output.detach().requires_grad_(True)
         call = EmbeddingCall(ids=args[0], output=output)

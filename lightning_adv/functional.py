@@ -14,7 +14,9 @@ from torch import Tensor
 
 __all__ = [
     "group_rows",
+    "kl_divergence",
     "l2_direction",
+    "linf_direction",
     "project_l2",
     "project_linf",
     "relative_sizes",
@@ -36,6 +38,14 @@ def l2_direction(grad: Tensor) -> Tensor:
     with an unusable gradient is left unperturbed instead of skipping the pass.
     """
     norm = row_norms(grad)
+    usable = torch.isfinite(norm) & (norm > 0)
+    safe_norm = torch.where(usable, norm, torch.ones_like(norm))
+    return torch.where(usable, grad / safe_norm, torch.zeros_like(grad))
+
+
+def linf_direction(grad: Tensor) -> Tensor:
+    """``grad / ||grad||_inf`` row by row; a zero or non-finite row gives a zero row."""
+    norm = grad.abs().amax(dim=1, keepdim=True)
     usable = torch.isfinite(norm) & (norm > 0)
     safe_norm = torch.where(usable, norm, torch.ones_like(norm))
     return torch.where(usable, grad / safe_norm, torch.zeros_like(grad))
@@ -83,16 +93,31 @@ def relative_sizes(r: Tensor, reference: Tensor, unit: int) -> tuple[Tensor, Ten
     return per_row.mean(), per_unit.max()
 
 
+def _log_probs(logits: Tensor) -> Tensor:
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    return F.log_softmax(logits.to(dtype), dim=-1)
+
+
+def kl_divergence(logits_p: Tensor, logits_q: Tensor) -> Tensor:
+    """``KL(p || q)`` between the softmax distributions, averaged over the batch.
+
+    Computed in float32 or wider. ``logits_*`` have shape ``(B, ..., C)``; every position
+    before the class axis counts as one distribution, and the sum is divided by ``B``.
+    """
+    log_p, log_q = _log_probs(logits_p), _log_probs(logits_q)
+    p, q = log_p.exp(), log_q.exp()
+    # p log(p / q) - p + q >= 0 term by term and sums to KL(p || q) (the p and q sum to 1).
+    terms = p * (log_p - log_q) - p + q
+    return terms.clamp_min(0).sum() / logits_p.shape[0]
+
+
 def symmetric_kl(logits_p: Tensor, logits_q: Tensor) -> Tensor:
     """``KL(p || q) + KL(q || p)`` averaged over the batch, computed in float32 or wider.
 
-    ``logits_*`` have shape ``(B, ..., C)``; every position before the class axis counts
-    as one distribution and the sum is divided by the leading batch size.
+    Shapes as in :func:`kl_divergence`. Written as ``sum (p - q)(log p - log q)``, a sum of
+    non-negative terms, so it never goes below zero through rounding.
     """
-    dtype = torch.promote_types(logits_p.dtype, torch.float32)
-    log_p = F.log_softmax(logits_p.to(dtype), dim=-1)
-    log_q = F.log_softmax(logits_q.to(dtype), dim=-1)
-    # (p - q) * (log p - log q) summed over classes equals the two KL terms added.
+    log_p, log_q = _log_probs(logits_p), _log_probs(logits_q)
     per_position = ((log_p.exp() - log_q.exp()) * (log_p - log_q)).sum(dim=-1)
     return per_position.sum() / logits_p.shape[0]
 

@@ -41,10 +41,14 @@ class CollapseMonitor:
         self._clean_loss: Tensor | None = None
         self._learned = False
 
-    def update(self, largest: Tensor, clean_loss: Tensor | None, classes: int | None) -> None:
+    def update(self, largest: Tensor | None, clean_loss: Tensor | None,
+               classes: int | None) -> None:
         """Fold in one attacked step; device operations only."""
-        largest = largest.detach().float()
-        self._largest = largest if self._largest is None else torch.maximum(self._largest, largest)
+        if largest is not None:
+            largest = largest.detach().float()
+            self._largest = (
+                largest if self._largest is None else torch.maximum(self._largest, largest)
+            )
         if clean_loss is not None:
             clean_loss = clean_loss.detach().float()
             if self._clean_loss is None:

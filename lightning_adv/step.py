@@ -15,8 +15,10 @@ from lightning_adv.functional import relative_sizes, row_norms
 
 __all__ = ["AttackStep", "Forward", "parse_loss_output"]
 
+Space = OutputSpace | WeightRowSpace
 
-def parse_loss_output(output: Any, loss_fn: str) -> tuple[Tensor, Tensor | None]:
+
+def parse_loss_output(output: Any) -> tuple[Tensor | None, Tensor | None]:
     """``(loss, logits)`` from what a loss method returned: a tensor, a mapping or an object."""
     if isinstance(output, Tensor):
         return output, None
@@ -24,33 +26,43 @@ def parse_loss_output(output: Any, loss_fn: str) -> tuple[Tensor, Tensor | None]
         loss, logits = output.get("loss"), output.get("logits")
     else:
         loss, logits = getattr(output, "loss", None), getattr(output, "logits", None)
-    if not isinstance(loss, Tensor):
-        raise RuntimeError(
-            f"`{loss_fn}` returned {type(output).__name__} without a loss tensor. Return the "
-            "loss as a tensor, a dict with a 'loss' tensor, or an object with a `.loss` "
-            "tensor (a Hugging Face model output called with labels)."
-        )
-    return loss, logits if isinstance(logits, Tensor) else None
+    return (
+        loss if isinstance(loss, Tensor) else None,
+        logits if isinstance(logits, Tensor) else None,
+    )
+
+
+def _missing(what: str, loss_fn: str, output: Any) -> RuntimeError:
+    return RuntimeError(
+        f"`{loss_fn}` returned {type(output).__name__} without {what}. Make it return a "
+        "dict {'loss': loss, 'logits': logits} or an object with `.loss` and `.logits` "
+        "(a Hugging Face model output called with labels), or pass `loss_fn=` naming a "
+        "method that does, such as 'compute_loss'."
+    )
 
 
 @dataclass
 class Forward:
-    """One forward pass under a perturbation: its loss, its logits, and its embedding calls."""
+    """One forward pass under a perturbation: its output and its embedding calls."""
 
-    loss: Tensor
-    raw_logits: Tensor | None
+    output: Any
     calls: list[EmbeddingCall]
     loss_fn: str
 
     @property
+    def loss(self) -> Tensor:
+        loss, _ = parse_loss_output(self.output)
+        if loss is None:
+            raise _missing("a loss tensor", self.loss_fn, self.output)
+        return loss
+
+    @property
     def logits(self) -> Tensor:
-        if self.raw_logits is None:
-            raise RuntimeError(
-                f"This method needs the model's logits, but `{self.loss_fn}` returned only a "
-                "loss. Return a dict {'loss': loss, 'logits': logits} (or a Hugging Face "
-                "output, which has both) from that method."
-            )
-        return self.raw_logits
+        _, logits = parse_loss_output(self.output)
+        if logits is None:
+            raise _missing("logits (this method compares predictions)", self.loss_fn,
+                           self.output)
+        return logits
 
 
 class AttackStep:
@@ -61,19 +73,21 @@ class AttackStep:
     this micro-batch's own loss gradient in that shape, padding entries zero.
 
     Args:
-        space: where perturbations go (rows of the weight, or the embedding output).
+        space: where perturbations go; ``None`` for methods that perturb no embedding.
         calls: the embedding calls of the clean pass, with their output gradients.
-        run_loss: runs the loss method once under the current perturbation.
+        run_loss: runs the loss method once.
         backward: backpropagates an adversarial loss the way the clean loss was.
         scale: multiplies a loss before ``torch.autograd.grad`` (the AMP loss scale).
         replay: context manager that replays the clean pass's random state.
         loss_fn: the loss method's name, for messages.
         epsilon_scale: ``"absolute"`` or ``"relative"``: how budgets are read.
+        clean_logits: the clean pass's logits if they were captured, else ``None``.
+        generator: the callback's random generator, for random starts and noise.
     """
 
     def __init__(
         self,
-        space: OutputSpace | WeightRowSpace,
+        space: Space | None,
         calls: list[EmbeddingCall],
         run_loss: Callable[[], Any],
         backward: Callable[[Tensor], None],
@@ -81,40 +95,66 @@ class AttackStep:
         replay: Callable[[], AbstractContextManager[None]] | None,
         loss_fn: str,
         epsilon_scale: str = "absolute",
+        clean_logits: Tensor | None = None,
+        generator: torch.Generator | None = None,
     ) -> None:
         self.space = space
-        self.epsilon_scale = epsilon_scale
-        self._reference: Tensor | None = None
         self.clean_calls = calls
+        self.epsilon_scale = epsilon_scale
+        self.generator = generator
         self._run_loss = run_loss
         self._backward = backward
         self._scale = scale
         self._replay = replay
         self._loss_fn = loss_fn
-        self.dtype = torch.promote_types(calls[0].output.dtype, torch.float32)
-        grads = [
-            call.grad if call.grad is not None else torch.zeros_like(call.output)
-            for call in calls
-        ]
-        self.clean_gradient = space.gradient(grads, self.dtype)
+        self._clean_logits = clean_logits
+        self._reference: Tensor | None = None
+        self.dtype = (
+            torch.promote_types(calls[0].output.dtype, torch.float32) if calls else torch.float32
+        )
+        self.clean_gradient = self._gradient(
+            [c.grad if c.grad is not None else torch.zeros_like(c.output) for c in calls]
+        )
         self.adversarial_loss: Tensor | None = None
         self.perturbation: Tensor | None = None
         self.classes: int | None = None
+        self.recomputed_clean_logits = False
+        #: Extra statistics a method wants logged (device tensors), by short name.
+        self.logs: dict[str, Tensor] = {}
+
+    # -- shapes and budgets -----------------------------------------------------------
+
+    def _space(self) -> Space:
+        if self.space is None:
+            raise RuntimeError("This method perturbs no embedding: it has no perturbation space.")
+        return self.space
+
+    def _gradient(self, grads: list[Tensor]) -> Tensor:
+        if self.space is None:
+            return torch.zeros(0)
+        return self.space.gradient(grads, self.dtype)
 
     def zeros(self) -> Tensor:
         return torch.zeros_like(self.clean_gradient)
 
     def mask(self, r: Tensor) -> Tensor:
         """Zero the entries of ``r`` that belong to padding."""
-        return self.space.mask(r)
+        return self._space().mask(r)
 
     @property
     def reference(self) -> Tensor:
         """What is perturbed, in perturbation shape: each example's clean embedding output,
         or the touched rows of the weight; padding zeroed."""
         if self._reference is None:
-            self._reference = self.space.reference(self.dtype)
+            self._reference = self._space().reference(self.dtype)
         return self._reference
+
+    def entries(self) -> Tensor:
+        """Number of perturbable (non-padding) entries per row, shape ``(examples, 1)``."""
+        keep = self._space().keep
+        if keep is None:
+            return torch.full_like(self.clean_gradient[:, :1], self.clean_gradient.shape[1])
+        return keep.sum(dim=1, keepdim=True).to(self.dtype)
 
     def l2_budget(self, value: float) -> float | Tensor:
         """An L2 radius or step size: ``value`` itself, or with ``epsilon_scale="relative"``,
@@ -124,56 +164,109 @@ class AttackStep:
         return value * row_norms(self.reference)
 
     def entry_budget(self, value: float) -> float | Tensor:
-        """A per-entry size (sign steps, L-infinity balls): ``value`` itself, or with
-        ``epsilon_scale="relative"``, ``value`` times the root-mean-square entry of what is
-        perturbed, per row."""
+        """A per-entry size (sign steps, L-infinity balls, noise scales): ``value`` itself,
+        or with ``epsilon_scale="relative"``, ``value`` times the root-mean-square entry of
+        what is perturbed, per row."""
         if self.epsilon_scale == "absolute":
             return value
-        entries = self.space.keep.sum(dim=1, keepdim=True) if self.space.keep is not None \
-            else torch.full_like(self.reference[:, :1], self.reference.shape[1])
-        return value * row_norms(self.reference) / entries.clamp_min(1).to(self.dtype).sqrt()
+        return value * row_norms(self.reference) / self.entries().clamp_min(1).sqrt()
 
     def relative_sizes(self, r: Tensor) -> tuple[Tensor, Tensor]:
         """``(mean, largest)`` size of ``r`` relative to what it perturbs; see
         :func:`lightning_adv.functional.relative_sizes`."""
-        return relative_sizes(r.to(self.dtype), self.reference, self.space.hidden)
+        return relative_sizes(r.to(self.dtype), self.reference, self._space().hidden)
+
+    def normal(self) -> Tensor:
+        """Standard normal noise in perturbation shape from the callback's generator."""
+        g = self.clean_gradient
+        return torch.randn(g.shape, generator=self.generator, dtype=g.dtype, device=g.device)
+
+    def uniform(self) -> Tensor:
+        """Noise uniform in ``[-1, 1)`` in perturbation shape from the callback's generator."""
+        g = self.clean_gradient
+        noise = torch.rand(g.shape, generator=self.generator, dtype=g.dtype, device=g.device)
+        return 2 * noise - 1
+
+    # -- passes -----------------------------------------------------------------------
+
+    def clean_logits(self) -> Tensor:
+        """The clean pass's logits, detached.
+
+        Received from the clean pass when the loss method ran there and returned logits;
+        otherwise recomputed once by a forward without gradient (one extra forward).
+        """
+        if self._clean_logits is None:
+            replay = self._replay() if self._replay is not None else nullcontext()
+            with torch.no_grad(), replay:
+                output = self._run_loss()
+            self._clean_logits = Forward(output, [], self._loss_fn).logits.detach()
+            self.recomputed_clean_logits = True
+        return self._clean_logits
 
     @contextmanager
-    def forward_at(self, r: Tensor) -> Iterator[Forward]:
-        """Run the loss method with ``r`` applied; ``r`` stays applied until the block ends,
-        so a backward inside the block sees the perturbed weights."""
+    def forward_at(self, r: Tensor | None) -> Iterator[Forward]:
+        """Run the loss method with ``r`` applied (``None``: nothing applied). ``r`` stays
+        applied until the block ends, so a backward inside the block sees it."""
         replay = self._replay() if self._replay is not None else nullcontext()
-        with self.space.applied(r) as calls:
+        applied = self._space().applied(r) if r is not None else _no_calls()
+        with applied as calls:
             with replay:
                 output = self._run_loss()
-            loss, logits = parse_loss_output(output, self._loss_fn)
+            _, logits = parse_loss_output(output)
             if logits is not None:
                 self.classes = logits.shape[-1]
-            yield Forward(loss=loss, raw_logits=logits, calls=calls, loss_fn=self._loss_fn)
+            yield Forward(output=output, calls=calls, loss_fn=self._loss_fn)
 
     def perturbation_gradient(self, value: Tensor, forward: Forward) -> Tensor:
         """Gradient of ``value`` with respect to the perturbation of ``forward``, in the
         shape of a perturbation. Parameters' ``.grad`` are not touched."""
-        outputs = [call.output for call in forward.calls]
+        return self._gradient(self.grad(value, [call.output for call in forward.calls]))
+
+    def grad(self, value: Tensor, inputs: list[Tensor]) -> list[Tensor]:
+        """``torch.autograd.grad`` of ``value`` (AMP-scaled like the clean loss) with respect
+        to ``inputs``; unused inputs get zeros and no parameter's ``.grad`` changes."""
         grads = torch.autograd.grad(
-            self._scale(value), outputs, allow_unused=True, materialize_grads=True
+            self._scale(value), inputs, allow_unused=True, materialize_grads=True
         )
-        return self.space.gradient(list(grads), self.dtype)
+        return list(grads)
 
     def gradient_at(self, r: Tensor) -> Tensor:
         """Gradient of the loss at ``r`` with respect to the perturbation only."""
         with self.forward_at(r) as forward:
             return self.perturbation_gradient(forward.loss, forward)
 
-    def backward(self, value: Tensor, perturbation: Tensor) -> None:
+    def backward(self, value: Tensor, perturbation: Tensor | None,
+                 forward: Forward | None = None) -> Tensor | None:
         """Backpropagate ``adv_weight * value`` into every parameter's ``.grad``, scaled like
-        the clean loss (gradient accumulation, AMP loss scale) and all-reduced under DDP."""
-        self._backward(value)
-        self.adversarial_loss = value.detach()
-        self.perturbation = perturbation.detach()
+        the clean loss (gradient accumulation, AMP loss scale) and all-reduced under DDP.
 
-    def backward_at(self, r: Tensor) -> Tensor:
+        With ``forward``, the same backward also yields the gradient with respect to that
+        pass's perturbation (FreeLB's free ascent direction), which is returned.
+        """
+        if forward is not None:
+            for call in forward.calls:
+                call.output.register_hook(call.keep_grad)
+        self._backward(value)
+        detached = value.detach()
+        self.adversarial_loss = (
+            detached if self.adversarial_loss is None else self.adversarial_loss + detached
+        )
+        if perturbation is not None:
+            self.perturbation = perturbation.detach()
+        if forward is None:
+            return None
+        return self._gradient(
+            [c.grad if c.grad is not None else torch.zeros_like(c.output) for c in forward.calls]
+        )
+
+    def backward_at(self, r: Tensor | None) -> Tensor:
         """One forward at ``r`` and a full backward of the adversarial loss; returns it."""
         with self.forward_at(r) as forward:
-            self.backward(forward.loss, r)
-            return forward.loss.detach()
+            loss = forward.loss
+            self.backward(loss, r)
+            return loss.detach()
+
+
+@contextmanager
+def _no_calls() -> Iterator[list[EmbeddingCall]]:
+    yield []
