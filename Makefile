@@ -19,6 +19,7 @@ install: $(STAMP)
 
 lint: install
 	$(BIN)/ruff check lightning_adv tests examples benchmarks
+	$(BIN)/mypy lightning_adv
 
 test: lint
 	$(BIN)/python -m pytest -q

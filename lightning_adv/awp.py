@@ -85,7 +85,7 @@ class AWP(AdversarialCallback):
             return
         self._weights = self._select(pl_module)
         self._handles = [
-            weight.register_hook(self._keeper(index))
+            weight.register_hook(self._keeper(index))  # type: ignore[no-untyped-call]
             for index, (_, weight) in enumerate(self._weights)
         ]
 

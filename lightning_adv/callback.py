@@ -347,7 +347,7 @@ class AdversarialCallback(Callback):
             calls=calls,
             run_loss=lambda: self._run_loss(trainer, pl_module),
             backward=lambda value: self._backward(trainer, pl_module, value),
-            scale=scaler.scale if scaler is not None else _identity,  # type: ignore[arg-type]
+            scale=scaler.scale if scaler is not None else _identity,
             replay=self._replayed_rng if self.replay_dropout else None,
             loss_fn=self.loss_fn,
             epsilon_scale=self.epsilon_scale,
@@ -397,7 +397,7 @@ class AdversarialCallback(Callback):
         # Transformed like the loss `on_before_backward` saw, for the adversarial/clean ratio.
         seen = loss.detach()
         self._adv_loss_seen = seen if self._adv_loss_seen is None else self._adv_loss_seen + seen
-        (loss * self.adv_weight).backward()
+        (loss * self.adv_weight).backward()  # type: ignore[no-untyped-call]
 
     @contextmanager
     def _replayed_rng(self) -> Iterator[None]:
@@ -432,7 +432,8 @@ class AdversarialCallback(Callback):
         if self.warn_on_collapse and self._monitor is not None:
             largest = step.logs.get("rel_size_max", largest_size)
             self._monitor.update(largest, clean_loss, step.classes)
-            if self.attacked_steps % max(trainer.log_every_n_steps, 1) == 0:
+            every = int(getattr(trainer, "log_every_n_steps", 50))
+            if self.attacked_steps % max(every, 1) == 0:
                 self._monitor.check()
 
     def _end_batch(self) -> None:

@@ -56,7 +56,7 @@ def _unwrap(module: Any) -> Any:
 def _name_of(root: nn.Module, target: nn.Module) -> str | None:
     for name, module in root.named_modules():
         if module is target:
-            return name
+            return str(name)
     return None
 
 
@@ -147,7 +147,7 @@ class EmbeddingTap:
     def __init__(self, name: str, modules: list[nn.Embedding]) -> None:
         self.name = name
         self.modules = modules
-        self.weight: nn.Parameter = modules[0].weight
+        self.weight: Tensor = modules[0].weight
         self.padding_idx: int | None = modules[0].padding_idx
         self.calls: list[EmbeddingCall] = []
         self._recording = False
@@ -217,7 +217,7 @@ class EmbeddingTap:
             output = output.detach().requires_grad_(True)
         call = EmbeddingCall(ids=args[0], output=output)
         if self._capture_grads:
-            output.register_hook(call.keep_grad)
+            output.register_hook(call.keep_grad)  # type: ignore[no-untyped-call]
         self.calls.append(call)
         return output
 
@@ -271,7 +271,7 @@ class OutputSpace:
     @contextmanager
     def applied(self, r: Tensor) -> Iterator[list[EmbeddingCall]]:
         sizes = [shape[1:].numel() for shape in self.shapes]
-        pieces = r.split(sizes, dim=1)
+        pieces = torch.split(r, sizes, dim=1)
         offsets = [p.reshape(shape) for p, shape in zip(pieces, self.shapes, strict=True)]
         with self.tap.pass_with(offsets) as calls:
             yield calls

@@ -28,7 +28,8 @@ __all__ = [
 
 def row_norms(x: Tensor) -> Tensor:
     """L2 norm of each row of ``x`` (shape ``(B, D)``), as a ``(B, 1)`` tensor."""
-    return torch.linalg.vector_norm(x, dim=1, keepdim=True)
+    norms: Tensor = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+    return norms
 
 
 def l2_direction(grad: Tensor) -> Tensor:

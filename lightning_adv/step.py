@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -222,7 +222,7 @@ class AttackStep:
         shape of a perturbation. Parameters' ``.grad`` are not touched."""
         return self._gradient(self.grad(value, [call.output for call in forward.calls]))
 
-    def grad(self, value: Tensor, inputs: list[Tensor]) -> list[Tensor]:
+    def grad(self, value: Tensor, inputs: Sequence[Tensor]) -> list[Tensor]:
         """``torch.autograd.grad`` of ``value`` (AMP-scaled like the clean loss) with respect
         to ``inputs``; unused inputs get zeros and no parameter's ``.grad`` changes."""
         grads = torch.autograd.grad(
@@ -245,7 +245,7 @@ class AttackStep:
         """
         if forward is not None:
             for call in forward.calls:
-                call.output.register_hook(call.keep_grad)
+                call.output.register_hook(call.keep_grad)  # type: ignore[no-untyped-call]
         self._backward(value)
         detached = value.detach()
         self.adversarial_loss = (
