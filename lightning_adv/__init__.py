@@ -7,6 +7,7 @@ from lightning_adv.fgsm import FGSM
 from lightning_adv.freelb import FreeLB
 from lightning_adv.pgd import PGD
 from lightning_adv.r3f import R3F
+from lightning_adv.robust import RobustAccuracy
 from lightning_adv.smart import SMART
 from lightning_adv.step import AttackStep
 from lightning_adv.vat import VAT
@@ -22,6 +23,7 @@ __all__ = [
     "AdversarialCallback",
     "AttackStep",
     "FreeLB",
+    "RobustAccuracy",
 ]
 
 __version__ = "0.1.0"
