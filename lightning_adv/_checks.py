@@ -6,7 +6,7 @@ import math
 from collections.abc import Collection
 from typing import Any
 
-__all__ = ["check_choice", "check_count", "check_non_negative"]
+__all__ = ["check_choice", "check_count", "check_flag", "check_non_negative"]
 
 
 def check_non_negative(owner: str, name: str, value: Any, example: str) -> float:
@@ -42,3 +42,12 @@ def check_choice(owner: str, name: str, value: Any, choices: Collection[str]) ->
         options = ", ".join(repr(c) for c in choices)
         raise ValueError(f"{owner}: `{name}` must be one of {options}, got {value!r}.")
     return str(value)
+
+
+def check_flag(owner: str, name: str, value: Any) -> bool:
+    """``True`` or ``False``; nothing else is coerced (``bool("false")`` is ``True``)."""
+    if not isinstance(value, bool):
+        raise TypeError(
+            f"{owner}: `{name}` must be True or False, got {type(value).__name__} {value!r}."
+        )
+    return value

@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
 from lightning_adv import _lightning
-from lightning_adv._checks import check_choice, check_count, check_non_negative
+from lightning_adv._checks import check_choice, check_count, check_flag, check_non_negative
 from lightning_adv._state import CleanGradientWeight, RandomState
 from lightning_adv.embedding import (
     EmbeddingCall,
@@ -118,11 +118,11 @@ class AdversarialCallback(Callback):
         self.adv_weight = check_non_negative(owner, "adv_weight", adv_weight, "1.0")
         self.start_step = check_count(owner, "start_step", start_step, 0)
         self.every_n_steps = check_count(owner, "every_n_steps", every_n_steps, 1)
-        self.replay_dropout = bool(replay_dropout)
+        self.replay_dropout = check_flag(owner, "replay_dropout", replay_dropout)
         self.epsilon_scale: EpsilonScale = check_choice(  # type: ignore[assignment]
             owner, "epsilon_scale", epsilon_scale, ("absolute", "relative")
         )
-        self.warn_on_collapse = bool(warn_on_collapse)
+        self.warn_on_collapse = check_flag(owner, "warn_on_collapse", warn_on_collapse)
         self.seed = seed
         self.log_prefix = log_prefix if log_prefix is not None else owner.lower()
         #: Weight of this micro-batch's clean gradient in ``.grad`` (FreeLB exposes it).
@@ -168,9 +168,13 @@ class AdversarialCallback(Callback):
 
     @property
     def state_key(self) -> str:
+        # Every argument that changes what an instance does or counts, so that two
+        # instances differing in any of them can run side by side with separate states.
         fields = {name: getattr(self, name) for name in self.identity}
         return self._generate_state_key(
-            target=self.target, embedding=self.embedding, loss_fn=self.loss_fn, **fields
+            target=self.target, embedding=self.embedding, loss_fn=self.loss_fn,
+            adv_weight=self.adv_weight, start_step=self.start_step,
+            every_n_steps=self.every_n_steps, epsilon_scale=self.epsilon_scale, **fields
         )
 
     def state_dict(self) -> dict[str, Any]:

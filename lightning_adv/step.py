@@ -32,12 +32,11 @@ def parse_loss_output(output: Any) -> tuple[Tensor | None, Tensor | None]:
     )
 
 
-def _missing(what: str, loss_fn: str, output: Any) -> RuntimeError:
+def _missing(what: str, loss_fn: str, output: Any, shape: str) -> RuntimeError:
     return RuntimeError(
-        f"`{loss_fn}` returned {type(output).__name__} without {what}. Make it return a "
-        "dict {'loss': loss, 'logits': logits} or an object with `.loss` and `.logits` "
-        "(a Hugging Face model output called with labels), or pass `loss_fn=` naming a "
-        "method that does, such as 'compute_loss'."
+        f"`{loss_fn}` returned {type(output).__name__} without {what}. Make it return "
+        f"{shape} (a Hugging Face model output called with labels has both), or pass "
+        "`loss_fn=` naming a method that does, such as 'compute_loss'."
     )
 
 
@@ -53,15 +52,23 @@ class Forward:
     def loss(self) -> Tensor:
         loss, _ = parse_loss_output(self.output)
         if loss is None:
-            raise _missing("a loss tensor", self.loss_fn, self.output)
+            raise _missing("a loss tensor", self.loss_fn, self.output,
+                           "the loss tensor, a dict with 'loss', or an object with `.loss`")
+        if loss.numel() != 1:
+            raise RuntimeError(
+                f"`{self.loss_fn}` returned a loss of shape {tuple(loss.shape)}; the "
+                "adversarial pass needs one scalar loss for the batch. Reduce it (for "
+                "example with `.mean()`) in that method."
+            )
         return loss
 
     @property
     def logits(self) -> Tensor:
         _, logits = parse_loss_output(self.output)
         if logits is None:
-            raise _missing("logits (this method compares predictions)", self.loss_fn,
-                           self.output)
+            raise _missing("logits, which this method compares", self.loss_fn, self.output,
+                           "a dict {'loss': loss, 'logits': logits} or an object with "
+                           "`.loss` and `.logits`")
         return logits
 
 
