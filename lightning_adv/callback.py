@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar, Literal
@@ -129,6 +130,10 @@ class AdversarialCallback(Callback):
         self.clean_weight = 1.0
 
         self.attacked_steps = 0
+        self._last_counted_step = -1
+        self._step_of_batch = 0
+        # Keys an attacked step logged besides `attacked`; see `_log_skipped`.
+        self._attack_keys: set[str] = set()
         self.generator: torch.Generator | None = None
         self._generator_state: Tensor | None = None
         self._tap: EmbeddingTap | None = None
@@ -229,6 +234,7 @@ class AdversarialCallback(Callback):
                              batch: Any, batch_idx: int) -> None:
         self._reset_step()
         self._scheduled = self.is_attack_step(trainer.global_step)
+        self._step_of_batch = trainer.global_step
         if not self._scheduled:
             return
         self._batch, self._batch_idx = batch, batch_idx
@@ -250,7 +256,7 @@ class AdversarialCallback(Callback):
         if self._busy:
             return
         if not self._scheduled:
-            pl_module.log(f"{self.log_prefix}/attacked", 0.0, on_step=True, on_epoch=False)
+            self._log_skipped(pl_module)
             return
         calls = self._tap.take_calls() if self._tap is not None else []
         if self._attacked_this_batch and (self._tap is None or not calls):
@@ -278,8 +284,10 @@ class AdversarialCallback(Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self._attacked_this_batch:
+        # Counted in optimizer steps: the micro-batches of one accumulation window count once.
+        if self._attacked_this_batch and self._last_counted_step != self._step_of_batch:
             self.attacked_steps += 1
+            self._last_counted_step = self._step_of_batch
         self._end_batch()
 
     # -- helpers ----------------------------------------------------------------------
@@ -432,6 +440,7 @@ class AdversarialCallback(Callback):
             if step.adversarial_loss is not None:
                 clean_loss = step.adversarial_loss.float() / ratio
         pl_module.log_dict(values, on_step=True, on_epoch=False)
+        self._attack_keys.update(key for key in values if key != f"{prefix}/attacked")
 
         if self.warn_on_collapse and self._monitor is not None:
             largest = step.logs.get("rel_size_max", largest_size)
@@ -439,6 +448,14 @@ class AdversarialCallback(Callback):
             every = int(getattr(trainer, "log_every_n_steps", 50))
             if self.attacked_steps % max(every, 1) == 0:
                 self._monitor.check()
+
+    def _log_skipped(self, pl_module: pl.LightningModule) -> None:
+        # Lightning reports an on-step value again at every later step of the epoch until it
+        # is logged anew: a skipped step would show the last attacked step's values. NaN
+        # marks "no value".
+        values: dict[str, Any] = dict.fromkeys(sorted(self._attack_keys), math.nan)
+        values[f"{self.log_prefix}/attacked"] = 0.0
+        pl_module.log_dict(values, on_step=True, on_epoch=False)
 
     def _end_batch(self) -> None:
         if self._tap is not None:
