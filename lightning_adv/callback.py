@@ -247,6 +247,10 @@ class AdversarialCallback(Callback):
                            loss: Tensor) -> None:
         if not self.in_clean_pass:
             return
+        if self._tap is not None:
+            # The clean forward is over: another callback's adversarial passes must not
+            # add their calls to this one's.
+            self._tap.pause()
         self._clean_loss_seen = loss.detach()
         if self.clean_weight != 1.0:
             self._clean_weighting = CleanGradientWeight(self.clean_weight)
@@ -277,8 +281,8 @@ class AdversarialCallback(Callback):
             self.attack(step)
         finally:
             self._busy = False
-            if self._tap is not None:
-                self._tap.record(capture_grads=True)
+            if self._tap is not None and not pl_module.automatic_optimization:
+                self._tap.record(capture_grads=True)  # a manual step may run more forwards
         self._attacked_this_batch = True
         self._log_attack(trainer, pl_module, step)
 

@@ -172,6 +172,10 @@ class EmbeddingTap:
         self._recording = True
         self._capture_grads = capture_grads
 
+    def pause(self) -> None:
+        """Stop recording new calls; the recorded ones keep receiving their gradients."""
+        self._recording = False
+
     def stop(self) -> None:
         self._recording = False
         self._capture_grads = False
