@@ -16,6 +16,7 @@ from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from torch import Tensor
 
 __all__ = [
+    "batch_size",
     "call_through_wrapper",
     "check_strategy",
     "grad_scaler",
@@ -53,6 +54,16 @@ def call_through_wrapper(trainer: pl.Trainer, pl_module: pl.LightningModule, nam
     from lightning.pytorch.strategies.strategy import _ForwardRedirection
 
     return _ForwardRedirection()(wrapper, pl_module, name, *args)
+
+
+def batch_size(batch: Any) -> int | None:
+    """The number of examples in ``batch`` as Lightning counts them for logging, or ``None``."""
+    from lightning.pytorch.utilities.data import extract_batch_size
+
+    try:
+        return int(extract_batch_size(batch))
+    except Exception:  # no tensor found: callers fall back to batch-first outputs
+        return None
 
 
 def grad_scaler(trainer: pl.Trainer) -> torch.amp.GradScaler | None:

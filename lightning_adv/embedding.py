@@ -105,8 +105,8 @@ def find_embedding(root: nn.Module, spec: str | None) -> tuple[str, nn.Embedding
         for name, module in modules.items()
         if isinstance(module, nn.Embedding) and (name == spec or name.endswith("." + spec))
     ]
-    if len(matches) == 1:
-        return matches[0]
+    if len(matches) == 1 or (matches and len({id(m.weight) for _, m in matches}) == 1):
+        return matches[0]  # several modules sharing one weight are one embedding
     what = "matches no" if not matches else f"matches {len(matches)}"
     raise RuntimeError(
         f"`embedding={spec!r}` {what} `nn.Embedding` module; it must match exactly one. "
@@ -226,15 +226,27 @@ class EmbeddingTap:
         return output
 
 
-def _batch_size(calls: list[EmbeddingCall], name: str) -> int:
-    sizes = {call.output.shape[0] for call in calls}
+def _batch_layout(calls: list[EmbeddingCall], name: str,
+                  batch_size: int | None) -> tuple[int, list[int]]:
+    """The number of examples and, per call, the dimension of its output that indexes them.
+
+    Most models look up ``(batch, tokens)``; XLNet transposes its ids first and looks up
+    ``(tokens, batch)``. With ``batch_size`` known, a call whose first dimension differs from
+    it but whose second matches is read as batch-second.
+    """
+    dims = [
+        1 if batch_size is not None and call.output.dim() >= 3
+        and call.output.shape[0] != batch_size and call.output.shape[1] == batch_size else 0
+        for call in calls
+    ]
+    sizes = {call.output.shape[dim] for call, dim in zip(calls, dims, strict=True)}
     if len(sizes) != 1 or any(call.output.dim() < 2 for call in calls):
         raise RuntimeError(
             f"target='output' needs every call of the embedding {name!r} to return "
-            f"(batch, ..., hidden) with one batch size; got shapes "
-            f"{[tuple(c.output.shape) for c in calls]}. Use target='weight'."
+            f"(batch, ..., hidden) or (tokens, batch, hidden) with one batch size; got "
+            f"shapes {[tuple(c.output.shape) for c in calls]}. Use target='weight'."
         )
-    return sizes.pop()
+    return sizes.pop(), dims
 
 
 class OutputSpace:
@@ -244,11 +256,12 @@ class OutputSpace:
     embedding in a forward pass; padding positions are kept at zero.
     """
 
-    def __init__(self, tap: EmbeddingTap, calls: list[EmbeddingCall]) -> None:
+    def __init__(self, tap: EmbeddingTap, calls: list[EmbeddingCall],
+                 batch_size: int | None = None) -> None:
         self.tap = tap
         self.calls = calls
         self.hidden = tap.weight.shape[1]
-        self.batch = _batch_size(calls, tap.name)
+        self.batch, self.dims = _batch_layout(calls, tap.name, batch_size)
         self.shapes = [call.output.shape for call in calls]
         self.keep: Tensor | None = None
         if tap.padding_idx is not None:
@@ -259,7 +272,10 @@ class OutputSpace:
             self.keep = self.flatten(masks)
 
     def flatten(self, tensors: list[Tensor]) -> Tensor:
-        return torch.cat([t.reshape(self.batch, -1) for t in tensors], dim=1)
+        return torch.cat([
+            t.movedim(dim, 0).reshape(self.batch, -1)
+            for t, dim in zip(tensors, self.dims, strict=True)
+        ], dim=1)
 
     def gradient(self, grads: list[Tensor], dtype: torch.dtype) -> Tensor:
         flat = self.flatten([g.to(dtype) for g in grads])
@@ -274,11 +290,19 @@ class OutputSpace:
 
     @contextmanager
     def applied(self, r: Tensor) -> Iterator[list[EmbeddingCall]]:
-        sizes = [shape[1:].numel() for shape in self.shapes]
+        sizes = [shape.numel() // self.batch for shape in self.shapes]
         pieces = torch.split(r, sizes, dim=1)
-        offsets = [p.reshape(shape) for p, shape in zip(pieces, self.shapes, strict=True)]
+        offsets = [
+            p.reshape(_moved(shape, dim)).movedim(0, dim)
+            for p, shape, dim in zip(pieces, self.shapes, self.dims, strict=True)
+        ]
         with self.tap.pass_with(offsets) as calls:
             yield calls
+
+
+def _moved(shape: torch.Size, dim: int) -> list[int]:
+    """``shape`` with dimension ``dim`` moved to the front."""
+    return [shape[dim], *shape[:dim], *shape[dim + 1:]]
 
 
 class WeightRowSpace:

@@ -187,9 +187,10 @@ class RobustAccuracy(Callback):
 
         with torch.no_grad(), self._tap.pass_with(None, without_grad=True) as calls:
             clean_logits = Forward(run_loss(), [], self.loss_fn).logits
+        space = OutputSpace(self._tap, calls, _lightning.batch_size(batch))
         step = AttackStep(
-            space=OutputSpace(self._tap, calls), calls=calls, run_loss=run_loss,
-            backward=_no_backward, scale=lambda value: value, replay=None,
+            space=space, calls=calls, run_loss=run_loss, backward=_no_backward,
+            scale=lambda value: value, replay=None,
             loss_fn=self.loss_fn, epsilon_scale=self.epsilon_scale, generator=self._generator,
         )
         radius, alpha = step.l2_budget(self.epsilon), step.l2_budget(self.alpha)
