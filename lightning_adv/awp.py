@@ -46,8 +46,9 @@ class AWP(AdversarialCallback):
         adv_lr: step size relative to each weight's norm.
         adv_epsilon: bound of the perturbation relative to each entry.
         steps: perturbation steps, at least 1.
-        params: regular expression selecting parameters by name; by default every
-            trainable weight with two or more dimensions outside embeddings and norms.
+        params: regular expression selecting trainable parameters by name, outside
+            embedding and normalisation layers (never perturbed); by default every weight
+            with two or more dimensions there.
         **kwargs: shared arguments of :class:`~lightning_adv.AdversarialCallback`
             (``loss_fn``, ``adv_weight``, schedule, ...); ``target`` and ``embedding`` do
             not apply.
@@ -163,8 +164,8 @@ class AWP(AdversarialCallback):
         if not selected:
             rule = f"`params={self.params!r}`" if self.params else "the default rule"
             raise RuntimeError(
-                f"AWP: {rule} selects no trainable parameter of {type(pl_module).__name__}. "
-                "Pass `params=` with a regular expression matching weight names, e.g. "
-                "'encoder'."
+                f"AWP: {rule} selects no trainable parameter of {type(pl_module).__name__} "
+                "(embedding and normalisation layers are never perturbed). Pass `params=` "
+                "with a regular expression matching weight names, e.g. 'encoder'."
             )
         return selected

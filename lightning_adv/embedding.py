@@ -47,6 +47,12 @@ def _unwrap(module: Any) -> Any:
     """The plain ``nn.Embedding`` inside a wrapper such as a peft LoRA layer."""
     while not isinstance(module, nn.Embedding) and isinstance(module, nn.Module):
         inner = getattr(module, "base_layer", None)
+        if inner is None:  # peft's ModulesToSaveWrapper: the forward uses the active copy
+            copies = getattr(module, "modules_to_save", None)
+            active = getattr(module, "active_adapter", None)
+            active = active[0] if isinstance(active, (list, tuple)) and active else active
+            if isinstance(copies, nn.ModuleDict) and isinstance(active, str) and active in copies:
+                inner = copies[active]
         if not isinstance(inner, nn.Module):
             break
         module = inner
