@@ -427,7 +427,7 @@ class AdversarialCallback(Callback):
                     step: AttackStep) -> None:
         prefix = self.log_prefix
         values: dict[str, Any] = {f"{prefix}/attacked": 1.0}
-        largest_size = None
+        largest_size = mean_size = None
         if step.adversarial_loss is not None:
             values[f"{prefix}/adv_loss"] = step.adversarial_loss.float()
         if step.perturbation is not None:
@@ -448,7 +448,8 @@ class AdversarialCallback(Callback):
 
         if self.warn_on_collapse and self._monitor is not None:
             largest = step.logs.get("rel_size_max", largest_size)
-            self._monitor.update(largest, clean_loss, step.classes)
+            mean = step.logs.get("rel_size_mean", mean_size)
+            self._monitor.update(largest, clean_loss, step.classes, mean)
             every = int(getattr(trainer, "log_every_n_steps", 50))
             if self.attacked_steps % max(every, 1) == 0:
                 self._monitor.check()

@@ -18,10 +18,13 @@ class CollapseMonitor:
     host only in :meth:`check`, which the callback calls when Lightning logs anyway (every
     ``log_every_n_steps`` attacked steps), so the attack path itself never synchronises.
 
-    Two signs, each from runs that collapsed to one class:
+    Three signs, each from runs that collapsed to one class:
 
     - the largest perturbation of one token (output target) or one row (weight target) is
       larger than the vector it perturbs (``largest_limit``, default 1);
+    - the perturbation is on average more than a quarter of what it perturbs
+      (``mean_limit``; FGSM's sign steps spread the budget evenly, so its largest stays
+      small while every touched row moves by half its length);
     - the clean training loss, after having fallen below ``0.85 * ln(classes)``, climbs back
       to within 5 % of chance level ``ln(classes)`` while the attack is on.
 
@@ -29,12 +32,16 @@ class CollapseMonitor:
         owner: the callback's class name, for messages.
         epsilon: the callback's epsilon, used to suggest a smaller value.
         largest_limit: relative size of one token or row above which to warn.
+        mean_limit: mean relative size above which to warn.
     """
 
-    def __init__(self, owner: str, epsilon: float | None, largest_limit: float = 1.0) -> None:
+    def __init__(self, owner: str, epsilon: float | None, largest_limit: float = 1.0,
+                 mean_limit: float = 0.25) -> None:
         self.owner = owner
         self.epsilon = epsilon
         self.largest_limit = largest_limit
+        self.mean_limit = mean_limit
+        self._mean: Tensor | None = None
         self.classes: int | None = None
         self.warned: set[str] = set()
         self._largest: Tensor | None = None
@@ -42,8 +49,11 @@ class CollapseMonitor:
         self._learned = False
 
     def update(self, largest: Tensor | None, clean_loss: Tensor | None,
-               classes: int | None) -> None:
+               classes: int | None, mean: Tensor | None = None) -> None:
         """Fold in one attacked step; device operations only."""
+        if mean is not None:
+            mean = mean.detach().float()
+            self._mean = mean if self._mean is None else torch.maximum(self._mean, mean)
         if largest is not None:
             largest = largest.detach().float()
             self._largest = (
@@ -66,6 +76,11 @@ class CollapseMonitor:
         if largest > self.largest_limit and "largest" not in self.warned:
             messages.append(self._largest_message(largest))
             self.warned.add("largest")
+        mean = self._mean.item() if self._mean is not None else 0.0
+        self._mean = None
+        if mean > self.mean_limit and not self.warned & {"largest", "mean"}:
+            messages.append(self._mean_message(mean))
+            self.warned.add("mean")
 
         if self._clean_loss is not None and self.classes is not None:
             chance = math.log(self.classes)
@@ -89,6 +104,17 @@ class CollapseMonitor:
             f"{largest:.2f} times the vector it perturbs: training is likely to collapse to "
             f"one class. Lower `epsilon`{suggestion}, or use `epsilon_scale='relative'`, "
             "which sizes the perturbation to the embeddings of this model."
+        )
+
+    def _mean_message(self, mean: float) -> str:
+        suggestion = ""
+        if self.epsilon:
+            suggestion = f" (try `epsilon={self.epsilon * 0.05 / mean:.3g}`)"
+        return (
+            f"{self.owner}: the perturbation is on average {mean:.2f} times the embeddings "
+            f"it perturbs: training is likely to collapse to one class. Lower "
+            f"`epsilon`{suggestion}, or use `epsilon_scale='relative'`, which sizes the "
+            "perturbation to the embeddings of this model."
         )
 
     def _chance_message(self, clean: float, chance: float) -> str:

@@ -139,3 +139,22 @@ def test_chance_rule_needs_learning_then_climb_back():
     with pytest.warns(UserWarning, match="chance level"):
         messages = monitor.check()
     assert len(messages) == 1
+
+
+def test_mean_rule_catches_evenly_spread_perturbations():
+    # FGSM's sign step moves every touched row by the same share: the largest stays below 1
+    # while the whole input is drowned (measured: mean 0.49, largest 0.63 before collapse).
+    monitor = CollapseMonitor("FGSM", epsilon=0.01)
+    monitor.update(torch.tensor(0.63), None, classes=2, mean=torch.tensor(0.49))
+    with pytest.warns(UserWarning, match="on average 0.49 times"):
+        messages = monitor.check()
+    assert len(messages) == 1 and "epsilon=0.00102" in messages[0]
+    monitor.update(torch.tensor(0.63), None, classes=2, mean=torch.tensor(0.49))
+    assert monitor.check() == []  # once per cause
+
+
+def test_mean_rule_silent_for_a_healthy_run():
+    # FGM, weight target, absolute 0.1 on the character model: mean 0.02, largest 0.45.
+    monitor = CollapseMonitor("FGM", epsilon=0.1)
+    monitor.update(torch.tensor(0.45), None, classes=2, mean=torch.tensor(0.02))
+    assert monitor.check() == []
