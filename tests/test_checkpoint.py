@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor
 
-from lightning_adv import FGM, PGD, AdversarialCallback
+from lightning_adv import FGM, PGD, AdversarialCallback, FreeLB
 from tests.helpers import Classifier, loader, make_batches, tiny_bert, trainer
 
 BATCHES_PER_EPOCH = 4
@@ -48,7 +48,7 @@ def _attacked_steps(path: str | Path, callback: AdversarialCallback) -> int:
 
 
 # Passes through `loss_fn` per attacked step.
-PASSES = {"fgm": 1, "pgd": 2}
+PASSES = {"fgm": 1, "pgd": 2, "freelb": 2}
 
 
 def _schedule(method: str) -> AdversarialCallback:
@@ -56,6 +56,10 @@ def _schedule(method: str) -> AdversarialCallback:
     if method == "pgd":
         return PGD(epsilon=0.5, alpha=0.2, steps=2, loss_fn="compute_loss", start_step=2,
                    every_n_steps=3)
+    if method == "freelb":
+        # A random start from the callback's own generator: its state must resume too.
+        return FreeLB(steps=2, init_magnitude=0.5, loss_fn="compute_loss", start_step=2,
+                      every_n_steps=3, seed=7)
     return FGM(epsilon=1.0, loss_fn="compute_loss", start_step=2, every_n_steps=3)
 
 
@@ -65,7 +69,8 @@ def _schedule(method: str) -> AdversarialCallback:
 # matter and only the callback's own state decides whether the runs agree.
 @pytest.mark.filterwarnings("ignore:.*resuming from a checkpoint that ended before the epoch")
 @pytest.mark.parametrize(("method", "saver"), [
-    ("fgm", "epoch_end"), ("pgd", "epoch_end"), ("fgm", "mid_epoch"), ("fgm", "after_fit"),
+    ("fgm", "epoch_end"), ("pgd", "epoch_end"), ("freelb", "epoch_end"), ("fgm", "mid_epoch"),
+    ("fgm", "after_fit"),
 ])
 def test_resume_mid_schedule_matches_an_uninterrupted_run(tmp_path, method, saver):
     if saver == "epoch_end":
