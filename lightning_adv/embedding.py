@@ -210,7 +210,9 @@ class EmbeddingTap:
 
     def _hook(self, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor | None:
         grad_enabled = torch.is_grad_enabled()
-        if not self._recording or not (grad_enabled or self._without_grad):
+        # Offsets asked for explicitly (an attack's pass) apply with or without gradient.
+        applying = self._offsets is not None
+        if not self._recording or not (grad_enabled or self._without_grad or applying):
             return None
         index = len(self.calls)
         if self._offsets is not None:
