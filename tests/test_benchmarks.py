@@ -1,0 +1,162 @@
+"""The benchmark scripts' ``--quick`` modes run and write what they promise.
+
+The three scripts run side by side, each in its own process and output folder; the tests
+then read the Markdown section and the figure each one wrote.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from benchmarks._common import write_section
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@dataclass(frozen=True)
+class Script:
+    module: str
+    section: str
+    figure: str
+    first_column: str
+
+
+SCRIPTS = {
+    "step_time": Script("benchmarks.step_time", "step-time", "step_time.png", "method"),
+    "memory": Script("benchmarks.memory", "memory", "memory.png", "method"),
+    "robustness": Script("benchmarks.robustness", "robustness", "robustness.png", "method"),
+}
+
+
+@pytest.fixture(scope="module")
+def quick_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
+    """Start every script's ``--quick`` run at once; wait for all; yield their folders."""
+    folders = {name: tmp_path_factory.mktemp(name) for name in SCRIPTS}
+    processes = {
+        name: subprocess.Popen(
+            [sys.executable, "-m", script.module, "--quick", "--out", str(folders[name])],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for name, script in SCRIPTS.items()
+    }
+    failures = []
+    for name, process in processes.items():
+        try:
+            _, stderr = process.communicate(timeout=900)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+            failures.append(f"{name}: timed out")
+            continue
+        if process.returncode != 0:
+            failures.append(f"{name} exited with {process.returncode}:\n{stderr[-4000:]}")
+    if failures:
+        pytest.fail("\n\n".join(failures))
+    yield folders
+
+
+def section(doc: Path, name: str) -> str:
+    text = doc.read_text(encoding="utf-8")
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    assert text.count(start) == 1 and text.count(end) == 1
+    return text.split(start, 1)[1].split(end, 1)[0]
+
+
+def table(text: str, first_column: str) -> list[dict[str, str]]:
+    """The Markdown table of ``text`` whose header starts with ``first_column``."""
+    lines = [line.strip() for line in text.splitlines() if line.strip().startswith("|")]
+    header_index = next(i for i, line in enumerate(lines)
+                        if line.strip("| ").startswith(first_column))
+    header = [cell.strip() for cell in lines[header_index].strip("|").split("|")]
+    assert set(lines[header_index + 1].replace("|", "").replace(":", "")) == {"-"}
+    rows = []
+    for line in lines[header_index + 2:]:
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        assert len(cells) == len(header), line
+        rows.append(dict(zip(header, cells, strict=True)))
+    return rows
+
+
+def number(cell: str) -> float:
+    """The first number of a cell such as ``1.234``, ``+4.7`` or ``53.33 ± 1.20``."""
+    return float(cell.replace("**", "").split()[0])
+
+
+def assert_png(path: Path) -> None:
+    import matplotlib.image
+
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 300
+
+
+@pytest.mark.parametrize("name", list(SCRIPTS))
+def test_quick_run_writes_section_and_figure(quick_runs: dict[str, Path], name: str) -> None:
+    script = SCRIPTS[name]
+    folder = quick_runs[name]
+    text = section(folder / "benchmarks.md", script.section)
+    assert f"(img/{script.figure})" in text
+    assert table(text, script.first_column)
+    assert_png(folder / "img" / script.figure)
+    assert str(ROOT) not in (folder / "benchmarks.md").read_text(encoding="utf-8")
+
+
+def test_step_time_table(quick_runs: dict[str, Path]) -> None:
+    rows = table(section(quick_runs["step_time"] / "benchmarks.md", "step-time"), "method")
+    labels = [row["method"] for row in rows]
+    for expected in ("FGM", "FGSM", "PGD", "FreeLB", "SMART", "VAT", "R3F", "AWP",
+                     "snippet FGM", "snippet PGD", "one extra pass (no attack)"):
+        assert expected in labels
+    for row in rows:
+        assert number(row["ratio (median of pairs)"]) > 0
+        assert number(row["s/step, no attack"]) > 0 and number(row["s/step, method"]) > 0
+        assert number(row["floor (this run)"]) > 1
+    judged = {row["method"]: row["met"] for row in rows if row["target"]}
+    assert set(judged) == {"FGM", "PGD", "FreeLB", "SMART", "R3F", "AWP"}
+    assert all(value in ("yes", "**no**") for value in judged.values())
+
+
+def test_memory_table(quick_runs: dict[str, Path]) -> None:
+    text = section(quick_runs["memory"] / "benchmarks.md", "memory")
+    rows = {(row["method"], row["runner"]): row for row in table(text, "method")}
+    assert set(rows) == {("no attack", "Lightning"), ("FGM", "Lightning"),
+                         ("one extra pass (no attack)", "plain PyTorch"),
+                         ("snippet FGM", "plain PyTorch")}
+    for row in rows.values():
+        assert number(row["peak MB"]) > 50  # a Python process with torch loaded
+    assert number(rows[("no attack", "Lightning")]["over no attack, MB"]) == 0
+    assert "snippet's FGM adds" in text
+
+
+def test_robustness_table(quick_runs: dict[str, Path]) -> None:
+    text = section(quick_runs["robustness"] / "benchmarks.md", "robustness")
+    rows = {row["method"]: row for row in table(text, "method")}
+    assert set(rows) == {"none", "fgm"}
+    for row in rows.values():
+        clean, robust = number(row["clean accuracy %"]), number(row["robust % at ε"])
+        assert 0 <= robust <= 100 and 0 <= clean <= 100
+        assert number(row["robust % at 2ε"]) <= 100
+    assert rows["fgm"]["target met"] in ("yes", "**no**")
+
+
+def test_write_section_replaces_only_its_own(tmp_path: Path) -> None:
+    doc = tmp_path / "benchmarks.md"
+    write_section(doc, "alpha", "first alpha")
+    write_section(doc, "beta", "first beta")
+    doc.write_text(doc.read_text(encoding="utf-8") + "\nA note someone added.\n",
+                   encoding="utf-8")
+    write_section(doc, "alpha", "second alpha")
+
+    text = doc.read_text(encoding="utf-8")
+    assert text.startswith("# Benchmarks")
+    assert "second alpha" in text and "first alpha" not in text
+    assert "first beta" in text and "A note someone added." in text
+    assert text.count("<!-- alpha:start -->") == 1
+    assert text.index("alpha:end") < text.index("beta:start")
