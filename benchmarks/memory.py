@@ -242,8 +242,9 @@ def findings(rows: list[Measured], settings: dict[str, Any]) -> list[str]:
     return lines
 
 
-def plot(rows: list[Measured], path: Path, title: str) -> None:
-    """Bars of the peak over no attack of the same runner, per configuration."""
+def plot(rows: list[Measured], path: Path, title: str, matrix_mb: float) -> None:
+    """Bars of the peak over no attack of the same runner, per configuration; over each
+    runner's bars, its one-extra-pass level and that level plus one embedding matrix."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -261,9 +262,22 @@ def plot(rows: list[Measured], path: Path, title: str) -> None:
     for bar, value in zip(bars, values, strict=True):
         ax.annotate(f"{value:+.0f}", (bar.get_x() + bar.get_width() / 2, max(value, 0)),
                     textcoords="offset points", xytext=(0, 3), ha="center", fontsize=8)
+    for runner in ("Lightning", "plain PyTorch"):
+        level = base[runner].get("extra")
+        spots = [i for i, row in enumerate(shown) if row.config.runner == runner]
+        if level is None or not spots:
+            continue
+        level -= base[runner].get("none", level)
+        left, right = min(spots) - 0.45, max(spots) + 0.45
+        ax.hlines(level, left, right, color="#e7298a", linestyle="--", linewidth=1,
+                  label="one extra pass" if runner == "Lightning" else "_nolegend_")
+        ax.hlines(level + matrix_mb, left, right, color="#7570b3", linestyle=":",
+                  linewidth=1.5, label=f"one extra pass + one embedding matrix "
+                  f"({matrix_mb:.0f} MB)" if runner == "Lightning" else "_nolegend_")
     ax.axhline(0, color="black", linewidth=0.5)
     ax.set_xticks(range(len(shown)), labels, fontsize=7)
     ax.set_ylabel("peak RSS over no attack (MB)")
+    ax.legend(fontsize=8, loc="upper left")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -324,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> list[Measured] | None:
     write_section(args.out / "benchmarks.md", SECTION, text)
     plot(rows, args.out / "img" / FIGURE,
          f"Peak memory over no attack, {size.name}, batch {size.batch_size} x {size.seq_len}, "
-         f"{steps} steps")
+         f"{steps} steps", settings["matrix_mb"])
     print(text)
     return rows
 

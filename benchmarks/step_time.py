@@ -23,7 +23,7 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,10 +65,10 @@ class Row:
     base_seconds: list[float]
     method_seconds: list[float]
     ratios: list[float]
+    cpu_ratios: list[float]
     floor: float | None = None
     target: str = ""
     met: bool | None = None
-    notes: list[str] = field(default_factory=list)
 
     @property
     def ratio(self) -> float:
@@ -78,6 +78,21 @@ class Row:
     @property
     def ratio_of_medians(self) -> float:
         return statistics.median(self.method_seconds) / statistics.median(self.base_seconds)
+
+    @property
+    def cpu_ratio(self) -> float:
+        """Median over step pairs of the ratio of process CPU times."""
+        return statistics.median(self.cpu_ratios)
+
+
+@dataclass(frozen=True)
+class StepTimes:
+    """Wall and process CPU seconds of one step, and wall seconds to its clean backward's
+    end (``forward_backward``; the whole step for the plain loop's steps)."""
+
+    wall: float
+    cpu: float
+    forward_backward: float
 
 
 class StepTimer(pl.Callback):
@@ -89,15 +104,17 @@ class StepTimer(pl.Callback):
     """
 
     def __init__(self) -> None:
-        self.records: list[tuple[int, float, float]] = []
+        self.records: dict[int, StepTimes] = {}
         self._step = 0
         self._start = 0.0
+        self._cpu_start = 0.0
         self._backward_done: float | None = None
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                              batch: Any, batch_idx: int) -> None:
         self._step = trainer.global_step
         self._backward_done = None
+        self._cpu_start = time.process_time()
         self._start = time.perf_counter()
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -106,8 +123,9 @@ class StepTimer(pl.Callback):
 
     def finish(self) -> None:
         end = time.perf_counter()
+        cpu = time.process_time() - self._cpu_start
         backward = self._backward_done if self._backward_done is not None else end
-        self.records.append((self._step, backward - self._start, end - self._start))
+        self.records[self._step] = StepTimes(end - self._start, cpu, backward - self._start)
 
     def closer(self) -> pl.Callback:
         return _BatchEnd(self)
@@ -122,15 +140,26 @@ class _BatchEnd(pl.Callback):
         self.timer.finish()
 
 
-def _pairs(records: Sequence[tuple[int, float, float]],
-           warmup_pairs: int) -> list[tuple[tuple[float, float], tuple[float, float]]]:
-    """Adjacent (even step, odd step) records after the warm-up, as ((fb, step), (fb, step))."""
-    by_step = {step: (fb, total) for step, fb, total in records}
-    pairs = []
-    for step in sorted(by_step):
-        if step % 2 == 0 and step + 1 in by_step and step // 2 >= warmup_pairs:
-            pairs.append((by_step[step], by_step[step + 1]))
-    return pairs
+def _pairs(records: dict[int, StepTimes],
+           warmup_pairs: int) -> list[tuple[StepTimes, StepTimes]]:
+    """Adjacent (even step, odd step) records after the warm-up."""
+    return [
+        (records[step], records[step + 1])
+        for step in sorted(records)
+        if step % 2 == 0 and step + 1 in records and step // 2 >= warmup_pairs
+    ]
+
+
+def _row(key: str, label: str, settings: str, runner: str,
+         pairs: list[tuple[StepTimes, StepTimes]], floor: float | None) -> Row:
+    return Row(
+        key, label, settings, runner,
+        base_seconds=[base.wall for base, _ in pairs],
+        method_seconds=[other.wall for _, other in pairs],
+        ratios=[other.wall / base.wall for base, other in pairs],
+        cpu_ratios=[other.cpu / base.cpu for base, other in pairs],
+        floor=floor,
+    )
 
 
 def measure_callback(method: Method | None, master: torch.nn.Module, batch: dict[str, Any],
@@ -152,15 +181,11 @@ def measure_callback(method: Method | None, master: torch.nn.Module, batch: dict
     _check_attacked(method, callbacks, steps)
 
     timed = _pairs(timer.records, warmup_pairs)
-    base = [clean[1] for clean, _ in timed]
-    attacked = [other[1] for _, other in timed]
-    floor = 1 + statistics.median(clean[0] / clean[1] for clean, _ in timed)
+    floor = 1 + statistics.median(base.forward_backward / base.wall for base, _ in timed)
     if method is None:
-        return Row("none", "no attack (odd / even steps)", "no callback", "Lightning",
-                   base, attacked, [a / b for b, a in zip(base, attacked, strict=True)],
-                   floor=floor)
-    return Row(method.key, method.label, method.settings, "Lightning", base, attacked,
-               [a / b for b, a in zip(base, attacked, strict=True)], floor=floor)
+        return _row("none", "no attack (odd / even steps)", "no callback", "Lightning",
+                    timed, floor)
+    return _row(method.key, method.label, method.settings, "Lightning", timed, floor)
 
 
 def _check_attacked(method: Method | None, callbacks: list[pl.Callback], steps: int) -> None:
@@ -186,29 +211,23 @@ def measure_plain(master: torch.nn.Module, batch: dict[str, Any], pairs: int,
         "fb": ("", ""),
     }
     steps = {kind: plain_step(kind, model, optimizer, batch) for kind in kinds}
-    times: dict[str, list[tuple[float, float]]] = {kind: [] for kind in kinds}
+    times: dict[str, list[tuple[StepTimes, StepTimes]]] = {kind: [] for kind in kinds}
     for round_index in range(warmup_pairs + pairs):
         for kind, step in steps.items():
             base_time, step_time = _timed(base), _timed(step)
             if round_index >= warmup_pairs:
                 times[kind].append((base_time, step_time))
-    rows = []
-    for kind in ("fgm", "pgd"):
-        label, settings = kinds[kind]
-        pairs_ = times[kind]
-        rows.append(Row(f"snippet_{kind}", label, settings, "plain PyTorch",
-                        [b for b, _ in pairs_], [s for _, s in pairs_],
-                        [s / b for b, s in pairs_]))
-    floor = 1 + statistics.median(s / b for b, s in times["fb"])
-    for row in rows:
-        row.floor = floor
+    floor = 1 + statistics.median(fb.wall / plain.wall for plain, fb in times["fb"])
+    rows = [_row(f"snippet_{kind}", *kinds[kind], "plain PyTorch", times[kind], floor)
+            for kind in ("fgm", "pgd")]
     return rows, floor
 
 
-def _timed(step: Any) -> float:
-    start = time.perf_counter()
+def _timed(step: Any) -> StepTimes:
+    cpu_start, start = time.process_time(), time.perf_counter()
     step()
-    return time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    return StepTimes(wall, cpu, wall)
 
 
 TARGETS = {"pgd": 3.4, "r3f": 2.05, "awp": 2.05, "smart": 2.7, "freelb": 4 * 1.03}
@@ -243,21 +262,24 @@ def markdown(rows: list[Row], settings: dict[str, Any]) -> str:
         f"(`start_step=1, every_n_steps=2`); the ratio is the median over "
         f"{settings['pairs']} adjacent (unattacked, attacked) step pairs after "
         f"{settings['warmup_pairs']} warm-up pairs, with the interquartile range of the pair "
-        f"ratios; targets are judged on it. The ratio of the median step times is shown "
-        f"too. The snippet rows run a plain PyTorch loop with the user's original FGM and "
-        f"PGD (rebuilt in `benchmarks/snippet.py`, PGD stepping along the gradient), each "
-        f"against the same loop's plain step. The floor of one extra pass is "
-        f"`1 + t(forward+backward) / t(step)` from the unattacked steps of the same run "
-        f"(pooled over the Lightning runs: {settings['floor']:.3f}; plain loop: "
-        f"{settings['plain_floor']:.3f}). Callbacks with `loss_fn=\"compute_loss\"`, which "
-        f"returns the logits, so SMART, VAT and R3F get the clean logits from the clean pass.",
+        f"ratios; targets are judged on it. Also shown: the ratio of the median step times, "
+        f"and the median pair ratio of process CPU time (both threads), which other load on "
+        f"the machine disturbs less than wall time. The snippet rows run a plain PyTorch "
+        f"loop with the user's original FGM and PGD (rebuilt in `benchmarks/snippet.py`, "
+        f"PGD stepping along the gradient), each against the same loop's plain step. The "
+        f"floor of one extra pass is `1 + t(forward+backward) / t(step)` from the "
+        f"unattacked steps of the same run (pooled over the Lightning runs: "
+        f"{settings['floor']:.3f}; plain loop: {settings['plain_floor']:.3f}). Callbacks "
+        f"use `loss_fn=\"compute_loss\"`, which returns the logits, so SMART, VAT and R3F "
+        f"get the clean logits from the clean pass.",
         "",
         f"Machine: {settings['machine']}. {settings['load']} Wall time "
         f"{settings['wall']:.0f} s.",
         "",
         "| method | settings | runner | s/step, no attack | s/step, method | ratio of medians "
-        "| ratio (median of pairs) | IQR of pairs | floor (this run) | target | met |",
-        "|---|---|---|---:|---:|---:|---:|---|---:|---|---|",
+        "| ratio (median of pairs) | IQR of pairs | CPU-time ratio | floor (this run) "
+        "| target | met |",
+        "|---|---|---|---:|---:|---:|---:|---|---:|---:|---|---|",
     ]
     for row in rows:
         q1, _, q3 = quantiles(row.ratios)
@@ -267,7 +289,8 @@ def markdown(rows: list[Row], settings: dict[str, Any]) -> str:
             f"| {row.label} | {row.settings} | {row.runner} | "
             f"{statistics.median(row.base_seconds):.3f} | "
             f"{statistics.median(row.method_seconds):.3f} | {row.ratio_of_medians:.3f} | "
-            f"{row.ratio:.3f} | {q1:.2f}-{q3:.2f} | {floor} | {row.target} | {met} |"
+            f"{row.ratio:.3f} | {q1:.2f}-{q3:.2f} | {row.cpu_ratio:.3f} | {floor} | "
+            f"{row.target} | {met} |"
         )
     lines += ["", f"![Step-time ratio per method](img/{FIGURE})", ""]
     return "\n".join(lines)
