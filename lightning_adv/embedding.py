@@ -130,16 +130,35 @@ def modules_sharing_weight(root: nn.Module, embedding: nn.Embedding) -> list[nn.
     return shared or [embedding]
 
 
+class _GradSlot:
+    """Where a tensor hook leaves the gradient of an embedding output.
+
+    The hook lives on the output tensor, so whatever it references lives as long as the
+    output. It must not reference the output itself (through the ``EmbeddingCall``): autograd
+    keeps hooks outside Python's cycle collector, and such a cycle would never be freed.
+    """
+
+    __slots__ = ("grad",)
+
+    def __init__(self) -> None:
+        self.grad: Tensor | None = None
+
+    def __call__(self, grad: Tensor) -> None:
+        self.grad = grad
+
+
 @dataclass
 class EmbeddingCall:
     """One call of the embedding during a pass: the ids it saw and what it returned."""
 
     ids: Tensor
     output: Tensor
-    grad: Tensor | None = field(default=None, repr=False)
+    slot: _GradSlot = field(default_factory=_GradSlot, repr=False)
 
-    def keep_grad(self, grad: Tensor) -> None:
-        self.grad = grad
+    @property
+    def grad(self) -> Tensor | None:
+        """The gradient of the loss with respect to ``output``, once backward has run."""
+        return self.slot.grad
 
 
 class EmbeddingTap:
@@ -229,7 +248,7 @@ class EmbeddingTap:
             output = output.detach().requires_grad_(True)
         call = EmbeddingCall(ids=args[0], output=output)
         if self._capture_grads:
-            output.register_hook(call.keep_grad)  # type: ignore[no-untyped-call]
+            output.register_hook(call.slot)  # type: ignore[no-untyped-call]
         self.calls.append(call)
         return output
 

@@ -252,7 +252,7 @@ class AttackStep:
         """
         if forward is not None:
             for call in forward.calls:
-                call.output.register_hook(call.keep_grad)  # type: ignore[no-untyped-call]
+                call.output.register_hook(call.slot)  # type: ignore[no-untyped-call]
         self._backward(value)
         detached = value.detach()
         self.adversarial_loss = (
