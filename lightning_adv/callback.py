@@ -206,6 +206,7 @@ class AdversarialCallback(Callback):
             return
         owner = type(self).__name__
         _lightning.check_strategy(trainer, owner)
+        self._check_log_prefix(trainer)
         self._check_loss_fn(pl_module)
         if self.needs_embedding:
             name, embedding = find_embedding(pl_module, self.embedding)
@@ -295,6 +296,16 @@ class AdversarialCallback(Callback):
         self._end_batch()
 
     # -- helpers ----------------------------------------------------------------------
+
+    def _check_log_prefix(self, trainer: pl.Trainer) -> None:
+        for other in trainer.callbacks:  # type: ignore[attr-defined]
+            if (other is not self and isinstance(other, AdversarialCallback)
+                    and other.log_prefix == self.log_prefix):
+                raise ValueError(
+                    f"{type(self).__name__} and {type(other).__name__} both log under "
+                    f"{self.log_prefix!r}, so their metrics would overwrite each other. Give "
+                    f"one of them another `log_prefix=`, e.g. '{self.log_prefix}_2'."
+                )
 
     def _check_loss_fn(self, pl_module: pl.LightningModule) -> None:
         owner = type(self).__name__

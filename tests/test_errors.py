@@ -208,6 +208,19 @@ def test_loss_fn_the_module_lacks(cls, loss_fn):
     _fails_before_training(_module(), cls(loss_fn=loss_fn), RuntimeError, pattern)
 
 
+def test_two_callbacks_logging_under_one_prefix():
+    # FGM and an FGM-like subclass would both log "fgm/...": one run, two meanings.
+    class Custom(FGM):
+        pass
+
+    pattern = r"FGM and Custom both log under 'fgm'.*another `log_prefix=`, e.g. 'fgm_2'"
+    with pytest.raises(ValueError, match=pattern):
+        trainer([FGM(), Custom(log_prefix="fgm")], max_steps=1).fit(
+            _module(), loader(make_batches(1)))
+    # Different prefixes train.
+    trainer([FGM(), FGM(epsilon=0.5, log_prefix="fgm_2")], max_steps=1).fit(_module(), loader(make_batches(1)))
+
+
 @pytest.mark.parametrize("cls", METHODS, ids=_name)
 def test_training_step_under_manual_optimization(cls):
     pattern = (rf"{_name(cls)}: under manual optimization `training_step`.*"
