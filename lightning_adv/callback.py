@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar, Literal
@@ -117,6 +118,13 @@ class AdversarialCallback(Callback):
         self.embedding = embedding
         self.loss_fn = loss_fn
         self.adv_weight = check_non_negative(owner, "adv_weight", adv_weight, "1.0")
+        if self.adv_weight == 0:
+            warnings.warn(
+                f"{owner}: adv_weight=0 keeps the adversarial passes, and their cost, but "
+                "adds nothing to the gradients the optimizer steps on. To train without the "
+                "attack remove the callback; to measure robustness use RobustAccuracy.",
+                UserWarning, stacklevel=3,
+            )
         self.start_step = check_count(owner, "start_step", start_step, 0)
         self.every_n_steps = check_count(owner, "every_n_steps", every_n_steps, 1)
         self.replay_dropout = check_flag(owner, "replay_dropout", replay_dropout)

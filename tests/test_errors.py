@@ -13,7 +13,7 @@ from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import Strategy
 from torch import Tensor, nn
 
-from lightning_adv import FGM, FGSM, PGD
+from lightning_adv import AWP, FGM, FGSM, PGD, R3F, SMART, VAT, FreeLB
 from tests.helpers import (
     Classifier,
     ManualClassifier,
@@ -100,6 +100,13 @@ def test_pgd_steps_must_be_whole(value):
 def test_shared_argument_checked_at_construction(cls, name, value, error, message):
     with pytest.raises(error, match=rf"{_name(cls)}: {message}"):
         cls(**{name: value})
+
+
+@pytest.mark.parametrize("cls", [FGM, FGSM, PGD, FreeLB, SMART, VAT, R3F, AWP], ids=_name)
+def test_zero_adv_weight_warns_that_the_attack_does_nothing(cls):
+    with pytest.warns(UserWarning, match=rf"{_name(cls)}: adv_weight=0 keeps the adversarial "
+                      r"passes, and their cost, but adds nothing"):
+        cls(adv_weight=0.0)
 
 
 @pytest.mark.parametrize("name", ["replay_dropout", "warn_on_collapse"])
