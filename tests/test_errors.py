@@ -225,7 +225,8 @@ def test_two_callbacks_logging_under_one_prefix():
         trainer([FGM(), Custom(log_prefix="fgm")], max_steps=1).fit(
             _module(), loader(make_batches(1)))
     # Different prefixes train.
-    trainer([FGM(), FGM(epsilon=0.5, log_prefix="fgm_2")], max_steps=1).fit(_module(), loader(make_batches(1)))
+    trainer([FGM(), FGM(epsilon=0.5, log_prefix="fgm_2")], max_steps=1).fit(
+        _module(), loader(make_batches(1)))
 
 
 @pytest.mark.parametrize("cls", METHODS, ids=_name)
