@@ -96,23 +96,21 @@ class CollapseMonitor:
         return messages
 
     def _largest_message(self, largest: float) -> str:
-        suggestion = ""
-        if self.epsilon:
-            suggestion = f" (try `epsilon={self.epsilon / (2 * largest):.3g}`)"
-        return (
-            f"{self.owner}: the largest perturbation of a single token or embedding row is "
-            f"{largest:.2f} times the vector it perturbs: training is likely to collapse to "
-            f"one class. Lower `epsilon`{suggestion}, or use `epsilon_scale='relative'`, "
-            "which sizes the perturbation to the embeddings of this model."
-        )
+        return self._size_message(
+            f"the largest perturbation of a single token or embedding row is {largest:.2f} "
+            "times the vector it perturbs", 0.5 / largest)
 
     def _mean_message(self, mean: float) -> str:
-        suggestion = ""
-        if self.epsilon:
-            suggestion = f" (try `epsilon={self.epsilon * 0.05 / mean:.3g}`)"
+        return self._size_message(
+            f"the perturbation is on average {mean:.2f} times the embeddings it perturbs",
+            0.05 / mean)
+
+    def _size_message(self, finding: str, factor: float) -> str:
+        """A warning about the perturbation's size; ``factor`` times ``epsilon`` is the
+        value suggested instead."""
+        suggestion = f" (try `epsilon={self.epsilon * factor:.3g}`)" if self.epsilon else ""
         return (
-            f"{self.owner}: the perturbation is on average {mean:.2f} times the embeddings "
-            f"it perturbs: training is likely to collapse to one class. Lower "
+            f"{self.owner}: {finding}: training is likely to collapse to one class. Lower "
             f"`epsilon`{suggestion}, or use `epsilon_scale='relative'`, which sizes the "
             "perturbation to the embeddings of this model."
         )
