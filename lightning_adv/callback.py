@@ -237,7 +237,9 @@ class AdversarialCallback(Callback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                      exception: BaseException) -> None:
-        self._end_batch()
+        # Lightning skips `teardown` after an exception: without this, a failed fit would
+        # leave the hooks on the module and its loss method wrapped, one more per retry.
+        self.teardown(trainer, pl_module, str(trainer.state.stage or "fit"))
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                              batch: Any, batch_idx: int) -> None:

@@ -128,6 +128,11 @@ class RobustAccuracy(Callback):
             self._tap.detach()
             self._tap = None
 
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                     exception: BaseException) -> None:
+        # Lightning skips `teardown` after an exception; the hook must not outlive the run.
+        self.teardown(trainer, pl_module, str(trainer.state.stage or "validate"))
+
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule
                                   ) -> None:
         self._batches["val"] = 0

@@ -335,3 +335,29 @@ def _fails_cleanly(method: str, how: str, fail_call: int, error: type[BaseExcept
     batch = {k: v for k, v in batches[1].items() if k != "labels"}
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, fresh(**batch).logits)
+
+
+@pytest.mark.parametrize("name", ["fgm", "smart", "awp", "robust"])
+def test_failed_fit_leaves_no_hook_or_wrapper_behind(name):
+    # Lightning runs `on_exception` but not `teardown` when fit fails; retrying in a
+    # notebook must not stack hooks, and the module must still pickle.
+    import io
+    import pickle
+
+    from lightning_adv import AWP, SMART, RobustAccuracy
+
+    callbacks = {
+        "fgm": lambda: FGM(epsilon=0.1),
+        "smart": lambda: SMART(loss_fn="compute_loss"),
+        "awp": lambda: AWP(),
+        "robust": lambda: RobustAccuracy(epsilon=0.1, steps=1),
+    }
+    module = FailingClassifier(tiny_bert(dtype=torch.float32), "raise", fail_call=1)
+    embedding = module.model.get_input_embeddings()
+    for _ in range(2):
+        with pytest.raises(Boom):
+            trainer([callbacks[name]()], max_steps=3).fit(module, loader(make_batches(3)))
+    assert not embedding._forward_hooks
+    assert all(not p._backward_hooks for p in module.parameters())
+    assert "compute_loss" not in vars(module)
+    torch.save(module, io.BytesIO(), pickle_module=pickle)
