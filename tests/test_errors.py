@@ -274,6 +274,23 @@ def test_unsupported_strategy(cls):
                            accelerator="auto")
 
 
+@pytest.mark.parametrize("strategy", ["DeepSpeedStrategy", "XLAStrategy",
+                                      "SingleDeviceXLAStrategy", "FSDPStrategy"])
+def test_strategies_subclassing_supported_ones_are_refused(strategy):
+    # DeepSpeed and XLA subclass DDPStrategy or SingleDeviceStrategy; an isinstance check
+    # alone would let them through. Their packages are not installed here, so the check
+    # runs on a bare instance.
+    import types
+
+    import lightning.pytorch.strategies as strategies
+
+    from lightning_adv._lightning import check_strategy
+
+    instance = object.__new__(getattr(strategies, strategy))
+    with pytest.raises(NotImplementedError, match=rf"FGM supports .* not {strategy}"):
+        check_strategy(types.SimpleNamespace(strategy=instance), "FGM")  # type: ignore[arg-type]
+
+
 # -- at the first attacked step --------------------------------------------------------
 
 
