@@ -85,6 +85,16 @@ def test_configs_share_one_budget() -> None:
     assert all(budget == budgets[0] for budget in budgets)
 
 
+def test_callback_named_by_class_name_alone(reviews: Path, tmp_path: Path) -> None:
+    short = '[{"class_path": "FGM", "init_args": {"epsilon": 0.2, "loss_fn": "compute_loss"}}]'
+    none = next(path for path in CONFIGS if path.stem == "none")
+    cli = run_fit(none, reviews, tmp_path, "--trainer.fast_dev_run", "true",
+                  "--trainer.callbacks", short)
+    [attack] = attacks(cli)
+    assert type(attack).__name__ == "FGM" and attack.epsilon == 0.2
+    assert attack.attacked_steps == 1
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=[path.stem for path in CONFIGS])
 def test_fast_dev_run_of_every_config(config: Path, reviews: Path, tmp_path: Path,
                                       capsys: pytest.CaptureFixture[str]) -> None:

@@ -62,6 +62,15 @@ def test_missing_column_in_csv_lists_the_columns(tmp_path: Path) -> None:
     assert module(path, text_column="review").num_labels == 2
 
 
+@pytest.mark.parametrize("line", ["Nice phone, fast delivery,good", "just text"])
+def test_row_with_another_field_count_names_the_line(tmp_path: Path, line: str) -> None:
+    # An unquoted comma would otherwise turn part of the text into a label.
+    path = write_csv(tmp_path / "d.csv", balanced_rows(3))
+    path.write_text(path.read_text(encoding="utf-8") + line + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"d\.csv, line 8: \d fields, but the header has 2"):
+        module(path).prepare()
+
+
 def test_missing_key_in_jsonl_names_the_line(tmp_path: Path) -> None:
     path = tmp_path / "d.jsonl"
     lines = [json.dumps({"text": "fine", "label": "good"}), json.dumps({"text": "meh"})]

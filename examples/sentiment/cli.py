@@ -11,6 +11,9 @@ from typing import Any
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 
+# Imported for its callbacks: once they are defined, a config can name them by class name
+# alone (`class_path: FGM`) as well as by full path (`class_path: lightning_adv.FGM`).
+import lightning_adv  # noqa: F401
 from examples.sentiment.data import SentimentDataModule
 from examples.sentiment.model import SentimentClassifier
 from examples.sentiment.plot import plot_run

@@ -234,10 +234,13 @@ def _table_rows(file: Path, lines: list[tuple[int, str]], kind: Literal["csv", "
             raise ValueError(f"{file.name}, line {reader.line_num}: {error}.") from error
         if not row or not any(field.strip() for field in row):
             continue
-        if len(row) < len(header):
+        if len(row) != len(header):
+            # Too many fields is as wrong as too few: an unquoted comma inside a text shifts
+            # every later field, and the label column would read a piece of the text.
             raise ValueError(
                 f"{file.name}, line {reader.line_num}: {len(row)} fields, but the header has "
-                f"{len(header)}. Check the delimiter and the quoting of that line."
+                f"{len(header)}. Check the delimiter and the quoting of that line: a text "
+                "containing the delimiter must be quoted."
             )
         label = row[positions[label_column]].strip()
         if not label:
