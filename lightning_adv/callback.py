@@ -85,6 +85,8 @@ class AdversarialCallback(Callback):
     needs_embedding: ClassVar[bool] = True
     #: Whether the method compares against the clean pass's logits (SMART, VAT, R3F).
     needs_clean_logits: ClassVar[bool] = False
+    #: The argument that sizes the perturbation, named in collapse warnings.
+    size_argument: ClassVar[str] = "epsilon"
 
     def __init__(
         self,
@@ -223,8 +225,9 @@ class AdversarialCallback(Callback):
         if self.needs_clean_logits:
             self._wrap_loss_fn(pl_module)
         self._make_generator(pl_module.device)
-        epsilon = getattr(self, "epsilon", None)
-        self._monitor = CollapseMonitor(owner, epsilon if isinstance(epsilon, float) else None)
+        size = getattr(self, self.size_argument, None)
+        self._monitor = CollapseMonitor(owner, size if isinstance(size, float) else None,
+                                        self.size_argument, self.epsilon_scale == "relative")
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._tap is not None:

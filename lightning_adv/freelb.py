@@ -48,6 +48,7 @@ class FreeLB(AdversarialCallback):
 
     identity = ("alpha", "steps", "init_magnitude", "max_norm", "norm")
     targets = ("output",)
+    size_argument = "max_norm"
 
     def __init__(self, alpha: float = 0.1, steps: int = 3, init_magnitude: float = 1.0,
                  max_norm: float = 0.6, norm: Literal["l2", "linf"] = "l2",

@@ -30,15 +30,20 @@ class CollapseMonitor:
 
     Args:
         owner: the callback's class name, for messages.
-        epsilon: the callback's epsilon, used to suggest a smaller value.
+        epsilon: the value of the callback's size argument, used to suggest a smaller one.
+        argument: the name of that argument (``epsilon``; FreeLB's is ``max_norm``).
+        relative: whether the callback already sizes relatively (``epsilon_scale``).
         largest_limit: relative size of one token or row above which to warn.
         mean_limit: mean relative size above which to warn.
     """
 
-    def __init__(self, owner: str, epsilon: float | None, largest_limit: float = 1.0,
+    def __init__(self, owner: str, epsilon: float | None, argument: str = "epsilon",
+                 relative: bool = False, largest_limit: float = 1.0,
                  mean_limit: float = 0.25) -> None:
         self.owner = owner
         self.epsilon = epsilon
+        self.argument = argument
+        self.relative = relative
         self.largest_limit = largest_limit
         self.mean_limit = mean_limit
         self._mean: Tensor | None = None
@@ -106,19 +111,22 @@ class CollapseMonitor:
             0.05 / mean)
 
     def _size_message(self, finding: str, factor: float) -> str:
-        """A warning about the perturbation's size; ``factor`` times ``epsilon`` is the
-        value suggested instead."""
-        suggestion = f" (try `epsilon={self.epsilon * factor:.3g}`)" if self.epsilon else ""
-        return (
-            f"{self.owner}: {finding}: training is likely to collapse to one class. Lower "
-            f"`epsilon`{suggestion}, or use `epsilon_scale='relative'`, which sizes the "
-            "perturbation to the embeddings of this model."
-        )
+        """A warning about the perturbation's size; ``factor`` times the size argument is
+        the value suggested instead."""
+        value = f" (try `{self.argument}={self.epsilon * factor:.3g}`)" if self.epsilon else ""
+        return (f"{self.owner}: {finding}: training is likely to collapse to one class. "
+                f"Lower `{self.argument}`{value}{self._relative_hint()}.")
 
     def _chance_message(self, clean: float, chance: float) -> str:
         return (
             f"{self.owner}: the clean training loss has climbed back to {clean:.3f}, chance "
             f"level for {self.classes} classes is {chance:.3f}: the attack is likely "
-            "drowning the input. Lower `epsilon` (try a tenth of it), or use "
-            "`epsilon_scale='relative'`."
+            f"drowning the input. Lower `{self.argument}` (try a tenth of it)"
+            f"{self._relative_hint()}."
         )
+
+    def _relative_hint(self) -> str:
+        if self.relative:
+            return ""
+        return (", or use `epsilon_scale='relative'`, which sizes the perturbation to the "
+                "embeddings of this model")

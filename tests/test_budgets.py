@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from lightning_adv import FGM, FGSM, PGD
+from lightning_adv import FGM, FGSM, PGD, FreeLB
 from lightning_adv.functional import relative_sizes, row_norms
 from lightning_adv.monitor import CollapseMonitor
 from tests.helpers import PAD, Classifier, clone, loader, make_batches, tiny_bert, trainer
@@ -115,6 +115,15 @@ def test_collapse_warning_fires_for_an_oversized_epsilon_and_names_the_fix():
     messages = _warnings_of(FGM(epsilon=20.0, target="output"))
     assert len(messages) == 1  # once, not every step
     assert "epsilon" in messages[0] and "relative" in messages[0]
+
+
+def test_collapse_warning_names_the_argument_the_method_has():
+    # FreeLB has no `epsilon`: its ball is `max_norm`. A relative budget is not told to
+    # become relative.
+    [message] = _warnings_of(FreeLB(alpha=40.0, max_norm=40.0, init_magnitude=0.0))
+    assert "Lower `max_norm` (try `max_norm=" in message and "epsilon_scale='relative'" in message
+    [message] = _warnings_of(FGM(epsilon=3.0, epsilon_scale="relative", target="output"))
+    assert "Lower `epsilon` (try `epsilon=" in message and "epsilon_scale" not in message
 
 
 def test_collapse_warning_silent_for_a_small_relative_epsilon():
