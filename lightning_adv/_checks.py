@@ -51,3 +51,26 @@ def check_flag(owner: str, name: str, value: Any) -> bool:
             f"{owner}: `{name}` must be True or False, got {type(value).__name__} {value!r}."
         )
     return value
+
+
+def check_seed(owner: str, value: Any) -> int | None:
+    """``None`` or a whole number a ``torch.Generator`` accepts."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+        raise TypeError(
+            f"{owner}: `seed` must be None or a whole number from 0 to 2**63 - 1, got "
+            f"{value!r}."
+        )
+    return value
+
+
+def check_name(owner: str, name: str, value: Any) -> str:
+    """A non-empty name for logged keys: letters, digits and ``_``, ``-``, ``.``, ``/``."""
+    if not isinstance(value, str) or not value or not all(
+            c.isalnum() or c in "_-./" for c in value):
+        raise ValueError(
+            f"{owner}: `{name}` must be a non-empty name of letters, digits, '_', '-', '.' "
+            f"or '/' (it starts every logged key), got {value!r}."
+        )
+    return value

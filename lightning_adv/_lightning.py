@@ -6,6 +6,7 @@ these assumptions stops holding.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -22,6 +23,7 @@ __all__ = [
     "call_through_wrapper",
     "check_strategy",
     "grad_scaler",
+    "loss_arity",
     "suppressed_logging",
 ]
 
@@ -62,6 +64,28 @@ def call_through_wrapper(trainer: pl.Trainer, pl_module: pl.LightningModule, nam
     from lightning.pytorch.strategies.strategy import _ForwardRedirection
 
     return _ForwardRedirection()(wrapper, pl_module, name, *args)
+
+
+def loss_arity(pl_module: pl.LightningModule, name: str, owner: str) -> int:
+    """How many of ``(batch, batch_idx)`` the method ``name`` takes: 2, or 1 for
+    ``def training_step(self, batch)``, which Lightning accepts (it passes ``batch_idx``
+    only to a signature that has room for it)."""
+    try:
+        signature = inspect.signature(getattr(pl_module, name))
+    except (TypeError, ValueError):  # no signature to read (a builtin): assume the usual
+        return 2
+    for count in (2, 1):
+        try:
+            signature.bind(*range(count))
+        except TypeError:
+            continue
+        return count
+    raise TypeError(
+        f"{owner}: `{type(pl_module).__name__}.{name}({', '.join(signature.parameters)})` "
+        "cannot be called with "
+        f"`(batch, batch_idx)` or `(batch)`, which is how the loss method is called. Define "
+        f"it as `def {name}(self, batch, batch_idx)`."
+    )
 
 
 def batch_size(batch: Any) -> int | None:

@@ -15,7 +15,14 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
 from lightning_adv import _lightning
-from lightning_adv._checks import check_choice, check_count, check_flag, check_non_negative
+from lightning_adv._checks import (
+    check_choice,
+    check_count,
+    check_flag,
+    check_name,
+    check_non_negative,
+    check_seed,
+)
 from lightning_adv._state import CleanGradientWeight, RandomState
 from lightning_adv.embedding import (
     EmbeddingCall,
@@ -115,8 +122,6 @@ class AdversarialCallback(Callback):
                 f"{owner}: `loss_fn` must be the name of a LightningModule method such as "
                 f"'training_step' or 'compute_loss', got {loss_fn!r}."
             )
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise TypeError(f"{owner}: `seed` must be None or a whole number, got {seed!r}.")
         self.embedding = embedding
         self.loss_fn = loss_fn
         self.adv_weight = check_non_negative(owner, "adv_weight", adv_weight, "1.0")
@@ -134,8 +139,9 @@ class AdversarialCallback(Callback):
             owner, "epsilon_scale", epsilon_scale, ("absolute", "relative")
         )
         self.warn_on_collapse = check_flag(owner, "warn_on_collapse", warn_on_collapse)
-        self.seed = seed
-        self.log_prefix = log_prefix if log_prefix is not None else owner.lower()
+        self.seed = check_seed(owner, seed)
+        self.log_prefix = owner.lower() if log_prefix is None else check_name(
+            owner, "log_prefix", log_prefix)
         #: Weight of this micro-batch's clean gradient in ``.grad`` (FreeLB exposes it).
         self.clean_weight = 1.0
 
@@ -149,6 +155,7 @@ class AdversarialCallback(Callback):
         self._tap: EmbeddingTap | None = None
         self._monitor: CollapseMonitor | None = None
         self._unwrap_loss_fn: Any = None
+        self._loss_arity = 2  # (batch, batch_idx); set from the method's signature in setup
         self._reset_step()
 
     def _reset_step(self) -> None:
@@ -336,6 +343,7 @@ class AdversarialCallback(Callback):
                 f"method of that name. Add `def {self.loss_fn}(self, batch, batch_idx)` "
                 "returning the loss, or pass the name of an existing method."
             )
+        self._loss_arity = _lightning.loss_arity(pl_module, self.loss_fn, owner)
 
     def _wrap_loss_fn(self, pl_module: pl.LightningModule) -> None:
         """Keep the logits the loss method returns during the clean pass, for free."""
@@ -419,9 +427,8 @@ class AdversarialCallback(Callback):
         with trainer.precision_plugin.train_step_context(), _lightning.suppressed_logging(
             pl_module
         ):
-            return _lightning.call_through_wrapper(
-                trainer, pl_module, self.loss_fn, self._batch, self._batch_idx
-            )
+            arguments = (self._batch, self._batch_idx)[:self._loss_arity]
+            return _lightning.call_through_wrapper(trainer, pl_module, self.loss_fn, *arguments)
 
     def _backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                   value: Tensor) -> None:

@@ -14,7 +14,13 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 from lightning_adv import _lightning
-from lightning_adv._checks import check_choice, check_count, check_non_negative
+from lightning_adv._checks import (
+    check_choice,
+    check_count,
+    check_name,
+    check_non_negative,
+    check_seed,
+)
 from lightning_adv.embedding import (
     EmbeddingTap,
     OutputSpace,
@@ -96,9 +102,13 @@ class RobustAccuracy(Callback):
             owner, "epsilon_scale", epsilon_scale, ("absolute", "relative")
         )
         self.embedding = embedding
-        self.name = name
-        self.seed = seed
+        self.name = check_name(owner, "name", name)
+        checked = check_seed(owner, seed)
+        if checked is None:
+            raise TypeError(f"{owner}: `seed` must be a whole number, got None.")
+        self.seed = checked
         self._tap: EmbeddingTap | None = None
+        self._loss_arity = 2
         self._metrics: dict[str, MeanMetric] = {}
         self._batches: dict[str, int] = {}
         self._generator: torch.Generator | None = None
@@ -115,6 +125,7 @@ class RobustAccuracy(Callback):
                 f"`def {self.loss_fn}(self, batch, batch_idx)` returning a dict with "
                 "'logits', or pass the name of a method that does."
             )
+        self._loss_arity = _lightning.loss_arity(pl_module, self.loss_fn, "RobustAccuracy")
         if self._tap is None:
             name, embedding = find_embedding(pl_module, self.embedding)
             self._tap = EmbeddingTap(name, modules_sharing_weight(pl_module, embedding))
@@ -188,7 +199,7 @@ class RobustAccuracy(Callback):
             with trainer.precision_plugin.val_step_context(), _lightning.suppressed_logging(
                 pl_module
             ):
-                return getattr(pl_module, self.loss_fn)(batch, batch_idx)
+                return getattr(pl_module, self.loss_fn)(*(batch, batch_idx)[:self._loss_arity])
 
         with torch.no_grad(), self._tap.pass_with(None, without_grad=True) as calls:
             clean_logits = Forward(run_loss(), [], self.loss_fn).logits

@@ -60,6 +60,13 @@ class Forward:
                 "adversarial pass needs one scalar loss for the batch. Reduce it (for "
                 "example with `.mean()`) in that method."
             )
+        if torch.is_grad_enabled() and not loss.requires_grad:
+            raise RuntimeError(
+                f"`{self.loss_fn}` returned a loss without a graph (detached, a Python "
+                "number turned into a tensor, or computed under `torch.no_grad()`), so the "
+                "adversarial pass has nothing to backpropagate. Return the loss as computed "
+                "from the model's output."
+            )
         return loss
 
     @property

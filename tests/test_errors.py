@@ -102,6 +102,24 @@ def test_shared_argument_checked_at_construction(cls, name, value, error, messag
         cls(**{name: value})
 
 
+@pytest.mark.parametrize(("name", "value", "error", "message"), [
+    ("seed", 2**70, TypeError, r"`seed` must be None or a whole number from 0 to 2\*\*63 - 1"),
+    ("seed", -1, TypeError, r"`seed` must be None or a whole number from 0"),
+    ("seed", "x", TypeError, r"`seed` must be None or a whole number from 0"),
+    ("log_prefix", "", ValueError, r"`log_prefix` must be a non-empty name"),
+    ("log_prefix", 5, ValueError, r"`log_prefix` must be a non-empty name"),
+    ("log_prefix", "my prefix", ValueError, r"`log_prefix` must be a non-empty name"),
+])
+def test_seed_and_names_checked_at_construction(name, value, error, message):
+    from lightning_adv import RobustAccuracy
+
+    with pytest.raises(error, match=rf"FGM: {message}"):
+        FGM(**{name: value})
+    robust_name = "name" if name == "log_prefix" else name
+    with pytest.raises(error, match=rf"RobustAccuracy: {message.replace(name, robust_name)}"):
+        RobustAccuracy(**{robust_name: value})
+
+
 @pytest.mark.parametrize("cls", [FGM, FGSM, PGD, FreeLB, SMART, VAT, R3F, AWP], ids=_name)
 def test_zero_adv_weight_warns_that_the_attack_does_nothing(cls):
     with pytest.warns(UserWarning, match=rf"{_name(cls)}: adv_weight=0 keeps the adversarial "
@@ -309,6 +327,10 @@ class BadLoss(Classifier):
             return {"logits": out.logits}
         if self.returned == "float_loss":
             return {"loss": float(out.loss)}
+        if self.returned == "detached":
+            return out.loss.detach()
+        if self.returned == "number":
+            return torch.tensor(float(out.loss))
         return self.returned
 
 
@@ -345,3 +367,47 @@ def test_loss_fn_returning_one_loss_per_example(cls):
     # returned it and that one scalar is needed, not only what autograd complains about.
     pattern = r"`bad_loss`.*scalar"
     _fails_at_first_attack(BadLoss("per_example"), cls(loss_fn="bad_loss"), pattern)
+
+
+@pytest.mark.parametrize("cls", METHODS, ids=_name)
+@pytest.mark.parametrize("returned", ["detached", "number"])
+def test_loss_fn_returning_a_loss_without_graph(cls, returned):
+    pattern = r"`bad_loss` returned a loss without a graph.*Return the loss as computed"
+    _fails_at_first_attack(BadLoss(returned), cls(loss_fn="bad_loss"), pattern)
+
+
+class OneArgument(Classifier):
+    """Lightning passes `batch_idx` only to a `training_step` with room for it."""
+
+    def training_step(self, batch: dict[str, Tensor]) -> Tensor:  # type: ignore[override]
+        return self.model(**batch).loss
+
+    def compute_loss(self, batch: dict[str, Tensor]) -> Any:  # type: ignore[override]
+        out = self.model(**batch)
+        return {"loss": out.loss, "logits": out.logits}
+
+    def three(self, batch: Any, batch_idx: int, extra: int) -> Any:
+        return self.compute_loss(batch)
+
+
+@pytest.mark.parametrize("loss_fn", ["training_step", "compute_loss"])
+def test_loss_method_taking_only_the_batch(loss_fn):
+    from lightning_adv import SMART, RobustAccuracy
+
+    for callback in (FGM(loss_fn=loss_fn), SMART(loss_fn="compute_loss")):
+        fit = trainer([callback], max_steps=1)
+        fit.fit(OneArgument(tiny_bert(), lr=0.1), loader(make_batches(1)))
+        assert callback.attacked_steps == 1
+    robust = RobustAccuracy(epsilon=0.1, steps=1, loss_fn="compute_loss")
+    trainer([robust]).validate(_ValidatedOneArgument(tiny_bert()), loader(make_batches(1)))
+
+
+class _ValidatedOneArgument(OneArgument):
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self.log("val_loss", self.model(**batch).loss)
+
+
+def test_loss_method_with_another_signature_fails_at_setup():
+    pattern = (r"FGM: `OneArgument\.three\(batch, batch_idx, extra\)` cannot "
+               r"be called with `\(batch, batch_idx\)` or `\(batch\)`")
+    _fails_before_training(OneArgument(tiny_bert()), FGM(loss_fn="three"), TypeError, pattern)
