@@ -7,6 +7,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from transformers import AutoModelForSequenceClassification, BertConfig, PreTrainedModel
@@ -174,6 +175,13 @@ def _build_network(pretrained: str | None, vocab_size: int, num_labels: int,
         # from_pretrained returns eval mode, and Lightning keeps the mode a module has at
         # fit start: without this, a fine-tuned model would train without dropout.
         network.train()
+        config = network.config
+        rank_zero_info(
+            f"Loaded the pretrained {config.model_type} in {os.path.basename(pretrained)!r} "
+            f"({config.num_hidden_layers} layers, hidden {config.hidden_size}): "
+            "`model.hidden_size`, `num_layers`, `num_heads`, `intermediate_size` and "
+            "`dropout` apply to models built from scratch only, and are not used."
+        )
         return network
     if hidden_size % num_heads:
         raise ValueError(
