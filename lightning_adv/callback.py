@@ -211,6 +211,13 @@ class AdversarialCallback(Callback):
         if self.generator is not None and self._generator_state is not None:
             self.generator.set_state(self._generator_state)
 
+    def __repr__(self) -> str:
+        embedding = ["target", "epsilon_scale"] if self.needs_embedding else []
+        names = [*self.identity, *embedding, "adv_weight", "start_step", "every_n_steps"]
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in dict.fromkeys(names)
+                           if hasattr(self, name))
+        return f"{type(self).__name__}({fields})"
+
     def is_attack_step(self, global_step: int) -> bool:
         """Whether the optimizer step ``global_step`` is attacked by the schedule."""
         offset = global_step - self.start_step

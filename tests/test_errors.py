@@ -120,6 +120,22 @@ def test_seed_and_names_checked_at_construction(name, value, error, message):
         RobustAccuracy(**{robust_name: value})
 
 
+@pytest.mark.parametrize(("name", "value"), [("target", "output"), ("embedding", "x"),
+                                             ("epsilon_scale", "relative")])
+def test_awp_refuses_embedding_arguments(name, value):
+    with pytest.raises(TypeError, match=rf"AWP: `{name}` does not apply"):
+        AWP(**{name: value})
+    AWP(target="weight", embedding=None, epsilon_scale="absolute")  # the defaults pass
+
+
+def test_repr_shows_the_arguments():
+    assert repr(PGD(epsilon=0.5, alpha=0.2, steps=2)) == (
+        "PGD(epsilon=0.5, alpha=0.2, steps=2, target='weight', epsilon_scale='absolute', "
+        "adv_weight=1.0, start_step=0, every_n_steps=1)")
+    assert repr(AWP()).startswith("AWP(adv_lr=1.0, adv_epsilon=0.01, steps=1, params=None, "
+                                  "adv_weight=1.0")
+
+
 @pytest.mark.parametrize("cls", [FGM, FGSM, PGD, FreeLB, SMART, VAT, R3F, AWP], ids=_name)
 def test_zero_adv_weight_warns_that_the_attack_does_nothing(cls):
     with pytest.warns(UserWarning, match=rf"{_name(cls)}: adv_weight=0 keeps the adversarial "
