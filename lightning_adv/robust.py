@@ -9,6 +9,8 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerStatus
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 from torchmetrics import MeanMetric
@@ -109,6 +111,7 @@ class RobustAccuracy(Callback):
         self.seed = checked
         self._tap: EmbeddingTap | None = None
         self._loss_arity = 2
+        self._measured = 0
         self._metrics: dict[str, MeanMetric] = {}
         self._batches: dict[str, int] = {}
         self._generator: torch.Generator | None = None
@@ -133,11 +136,23 @@ class RobustAccuracy(Callback):
         self._generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
         for key in ("val", "val_clean", "test", "test_clean"):
             self._metrics[key] = MeanMetric().to(pl_module.device)
+        self._measured = 0
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._tap is not None:
             self._tap.detach()
             self._tap = None
+            interrupted = trainer.state.status == TrainerStatus.INTERRUPTED
+            if self._measured == 0 and stage in ("fit", "validate", "test") and not interrupted:
+                rank_zero_warn(
+                    f"RobustAccuracy measured nothing during {getattr(stage, 'value', stage)}: "
+                    "it attacks validation "
+                    "and test batches, and this run had none (no `val_dataloader` or "
+                    "`validation_step`, `limit_val_batches=0`, or training ended before "
+                    "the first validation). Give the run a validation loop, or call "
+                    "`trainer.validate` / `trainer.test`.",
+                    category=UserWarning,
+                )
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                      exception: BaseException) -> None:
@@ -178,6 +193,7 @@ class RobustAccuracy(Callback):
         if self.max_batches is not None and seen >= self.max_batches:
             return
         self._batches[stage] = seen + 1
+        self._measured += 1
         was_training = pl_module.training
         pl_module.eval()
         # Validation runs in inference mode, whose tensors cannot enter a graph: clone.

@@ -508,3 +508,11 @@ def test_bad_arguments_fail_at_construction(kwargs: dict[str, Any],
                                             error: type[Exception]) -> None:
     with pytest.raises(error):
         RobustAccuracy(**kwargs)
+
+
+def test_run_without_validation_batches_warns_that_nothing_was_measured(module):
+    robust = RobustAccuracy(epsilon=0.1, steps=1)
+    fit = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, callbacks=[robust])
+    with pytest.warns(UserWarning, match="RobustAccuracy measured nothing during fit"):
+        fit.fit(module, DataLoader(eval_batches(n=16), batch_size=None))
