@@ -79,19 +79,33 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MB
 
 
+def _resident_mb() -> float:
+    """The resident set size now (Linux ``/proc/self/statm``), in MB."""
+    with open("/proc/self/statm", encoding="ascii") as handle:
+        pages = int(handle.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / MB
+
+
 def run_child(key: str, size: ModelSize, steps: int, threads: int) -> dict[str, Any]:
-    """Train ``steps`` steps of configuration ``key`` in this process; report its peaks."""
+    """Train ``steps`` steps of configuration ``key`` in this process; report its peak and
+    its resident size after every step."""
+    import lightning.pytorch as pl
     from torch.utils.data import DataLoader
 
     from benchmarks._common import BenchModule, build_model, make_batch, quiet_trainer
     from benchmarks.snippet import plain_step
 
+    class AfterStep(pl.Callback):
+        def on_train_batch_end(self, *args: Any) -> None:
+            after_steps.append(_resident_mb())
+
     torch.set_num_threads(threads)
     model, batch = build_model(size), make_batch(size)
     before_training = _peak_mb()
+    after_steps: list[float] = []
     if key == "none" or key in {m.key for m in callback_methods()}:
         callbacks = [m.build(0, 1) for m in callback_methods() if m.key == key]
-        trainer = quiet_trainer(callbacks, max_steps=steps)
+        trainer = quiet_trainer([*callbacks, AfterStep()], max_steps=steps)
         trainer.fit(BenchModule(model), DataLoader([batch] * steps, batch_size=None))
     else:
         kinds = {"plain_none": "none", "plain_extra": "extra", "snippet_fgm": "fgm",
@@ -103,7 +117,9 @@ def run_child(key: str, size: ModelSize, steps: int, threads: int) -> dict[str, 
         step = plain_step(kinds[key], model, optimizer, batch)
         for _ in range(steps):
             step()
-    return {"key": key, "peak_mb": _peak_mb(), "before_training_mb": before_training}
+            after_steps.append(_resident_mb())
+    return {"key": key, "peak_mb": _peak_mb(), "before_training_mb": before_training,
+            "after_steps_mb": after_steps}
 
 
 def _spawn(key: str, quick: bool, steps: int, threads: int,
@@ -127,13 +143,24 @@ def _spawn(key: str, quick: bool, steps: int, threads: int,
 
 @dataclass
 class Measured:
+    """The processes of one configuration: peak, and resident size after each step."""
+
     config: Config
     peaks: list[float]
     before_training: list[float]
+    after_steps: list[list[float]]
 
     @property
     def peak(self) -> float:
         return statistics.median(self.peaks)
+
+    @property
+    def growth(self) -> float | None:
+        """Median over processes of the resident size gained per step after the second
+        (the first allocates the optimizer state): memory a step leaves behind."""
+        slopes = [(sizes[-1] - sizes[1]) / (len(sizes) - 2)
+                  for sizes in self.after_steps if len(sizes) >= 3]
+        return statistics.median(slopes) if slopes else None
 
 
 def measure(chosen: list[Config], quick: bool, steps: int, threads: int, repeats: int,
@@ -147,10 +174,11 @@ def measure(chosen: list[Config], quick: bool, steps: int, threads: int, repeats
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         results = list(pool.map(
             lambda task: _spawn(task[0].key, quick, steps, threads, mmap_threshold), tasks))
-    measured = {config.key: Measured(config, [], []) for config in chosen}
+    measured = {config.key: Measured(config, [], [], []) for config in chosen}
     for (config, _), result in zip(tasks, results, strict=True):
         measured[config.key].peaks.append(result["peak_mb"])
         measured[config.key].before_training.append(result["before_training_mb"])
+        measured[config.key].after_steps.append(result["after_steps_mb"])
     return [measured[config.key] for config in chosen]
 
 
@@ -178,25 +206,29 @@ def markdown(rows: list[Measured], settings: dict[str, Any]) -> str:
         f"brackets). {settings['model']}; {settings['threads']} threads; AdamW. "
         f"\"Over no attack\" and \"over one extra pass\" subtract the peak of the same "
         f"runner's run without attack, and of its run with one unperturbed extra forward and "
-        f"backward. The batch touches {settings['distinct']:,} distinct embedding rows at "
-        f"{settings['positions']:,} positions: {settings['rows_mb']:.1f} MB as float32 "
-        f"rows, one per position (what the weight target backs up); the whole embedding "
-        f"matrix is {settings['matrix_mb']:.1f} MB. {_allocator(settings['mmap_threshold'])}",
+        f"backward. \"Kept per step\" is how much the resident size grows per step after the "
+        f"second: memory a step leaves behind. The batch touches {settings['distinct']:,} "
+        f"distinct embedding rows at {settings['positions']:,} positions: "
+        f"{settings['rows_mb']:.1f} MB as float32 rows, one per position (what the weight "
+        f"target backs up); the whole embedding matrix is {settings['matrix_mb']:.1f} MB. "
+        f"{_allocator(settings['mmap_threshold'])}",
         "",
         f"Machine: {settings['machine']}. {settings['load']} Wall time "
         f"{settings['wall']:.0f} s.",
         "",
-        "| method | settings | runner | peak MB | over no attack, MB | over one extra pass, MB |",
-        "|---|---|---|---:|---:|---:|",
+        "| method | settings | runner | peak MB | over no attack, MB | over one extra pass, MB "
+        "| kept per step, MB |",
+        "|---|---|---|---:|---:|---:|---:|",
     ]
     for row in rows:
         runner = row.config.runner
         spread = f" [{min(row.peaks):.0f}-{max(row.peaks):.0f}]" if len(row.peaks) > 1 else ""
         over_none = _difference(row.peak, base[runner].get("none"))
         over_extra = _difference(row.peak, base[runner].get("extra"))
+        growth = "" if row.growth is None else f"{row.growth:+.1f}"
         lines.append(
             f"| {row.config.label} | {row.config.settings} | {runner} | {row.peak:.1f}"
-            f"{spread} | {over_none} | {over_extra} |"
+            f"{spread} | {over_none} | {over_extra} | {growth} |"
         )
     lines += ["", *findings(rows, settings), "", f"![Peak memory per method](img/{FIGURE})", ""]
     return "\n".join(lines)
@@ -238,6 +270,14 @@ def findings(rows: list[Measured], settings: dict[str, Any]) -> list[str]:
         lines.append(
             f"- The snippet's FGM adds {added:+.1f} MB over one extra pass of the same plain "
             f"loop: its full copy of the {settings['matrix_mb']:.1f} MB embedding matrix."
+        )
+    kept = [row for row in rows if row.growth is not None and row.growth > 1.0]
+    if kept:
+        names = ", ".join(f"{row.config.label} ({row.growth:+.1f} MB)" for row in kept)
+        lines.append(
+            f"- Memory kept from step to step (a leak if it keeps growing): {names}; the "
+            f"embedding output of the batch and its gradient are "
+            f"{settings['output_mb']:.1f} MB each."
         )
     return lines
 
@@ -292,7 +332,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("docs"),
                         help="folder of benchmarks.md and img/ (default: docs)")
     parser.add_argument("--steps", type=int, default=None,
-                        help="optimizer steps per process (default 4; quick 2)")
+                        help="optimizer steps per process (default 5; quick 3)")
     parser.add_argument("--repeats", type=int, default=None,
                         help="processes per configuration (default 2; quick 1)")
     parser.add_argument("--jobs", type=int, default=None,
@@ -311,7 +351,7 @@ def main(argv: Sequence[str] | None = None) -> list[Measured] | None:
     """Measure every configuration, write the table and the figure, print the table."""
     args = parse_args(argv)
     size: ModelSize = QUICK if args.quick else MINILM
-    steps = args.steps or (2 if args.quick else 4)
+    steps = args.steps or (3 if args.quick else 5)
     if args.child is not None:
         print(json.dumps(run_child(args.child, size, steps, args.threads)))
         return None
@@ -330,6 +370,7 @@ def main(argv: Sequence[str] | None = None) -> list[Measured] | None:
         "model": size.describe(), "threads": args.threads, "steps": steps, "repeats": repeats,
         "distinct": distinct, "positions": positions,
         "rows_mb": positions * size.hidden_size * 4 / MB,
+        "output_mb": size.batch_size * size.seq_len * size.hidden_size * 4 / MB,
         "matrix_mb": size.vocab_size * size.hidden_size * 4 / MB,
         "machine": machine_summary(), "load": load_note(load_before, os.getloadavg()),
         "wall": time.perf_counter() - started, "mmap_threshold": args.mmap_threshold,

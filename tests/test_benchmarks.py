@@ -131,6 +131,7 @@ def test_memory_table(quick_runs: dict[str, Path]) -> None:
                          ("snippet FGM", "plain PyTorch")}
     for row in rows.values():
         assert number(row["peak MB"]) > 50  # a Python process with torch loaded
+        assert abs(number(row["kept per step, MB"])) < 1000
     assert number(rows[("no attack", "Lightning")]["over no attack, MB"]) == 0
     assert "snippet's FGM adds" in text
 
