@@ -64,14 +64,12 @@ class AWP(AdversarialCallback):
     def __init__(self, adv_lr: float = 1.0, adv_epsilon: float = 0.01, steps: int = 1,
                  params: str | None = None, **kwargs: Any) -> None:
         # Defaults pass (a LightningCLI config lists every argument); other values would
-        # silently do nothing.
-        for name, default in (("target", "weight"), ("embedding", None),
-                              ("epsilon_scale", "absolute")):
+        # silently do nothing. `epsilon_scale` may be either: AWP is relative anyway.
+        for name, default in (("target", "weight"), ("embedding", None)):
             if kwargs.get(name, default) != default:
                 raise TypeError(
                     f"AWP: `{name}` does not apply: AWP perturbs the weight matrices chosen "
-                    f"by `params`, not the word embedding, and sizes its steps relative to "
-                    f"each weight already. Remove `{name}={kwargs[name]!r}`."
+                    f"by `params`, not the word embedding. Remove `{name}={kwargs[name]!r}`."
                 )
         super().__init__(**kwargs)
         self.adv_lr = check_non_negative("AWP", "adv_lr", adv_lr, "1.0")

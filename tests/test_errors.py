@@ -120,12 +120,12 @@ def test_seed_and_names_checked_at_construction(name, value, error, message):
         RobustAccuracy(**{robust_name: value})
 
 
-@pytest.mark.parametrize(("name", "value"), [("target", "output"), ("embedding", "x"),
-                                             ("epsilon_scale", "relative")])
+@pytest.mark.parametrize(("name", "value"), [("target", "output"), ("embedding", "x")])
 def test_awp_refuses_embedding_arguments(name, value):
     with pytest.raises(TypeError, match=rf"AWP: `{name}` does not apply"):
         AWP(**{name: value})
-    AWP(target="weight", embedding=None, epsilon_scale="absolute")  # the defaults pass
+    AWP(target="weight", embedding=None)  # the defaults pass
+    AWP(epsilon_scale="relative")  # AWP is relative by construction
 
 
 def test_repr_shows_the_arguments():
