@@ -306,6 +306,7 @@ class AdversarialCallback(Callback):
         self._busy = True
         try:
             step = self._attack_step(trainer, pl_module, calls)
+            del calls  # the step keeps what it needs of the clean pass; free the rest
             self.attack(step)
         finally:
             self._busy = False

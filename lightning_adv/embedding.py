@@ -379,6 +379,8 @@ class WeightRowSpace:
             with torch.no_grad():
                 # Duplicated ids write identical values, so the order of writes is irrelevant.
                 weight.index_copy_(0, self.ids, perturbed)
+            # This frame lives through the pass: drop the temporaries before it starts.
+            del per_position, perturbed
             with self.tap.pass_with(None) as calls:
                 yield calls
         finally:

@@ -113,7 +113,6 @@ class AttackStep:
         generator: torch.Generator | None = None,
     ) -> None:
         self.space = space
-        self.clean_calls = calls
         self.epsilon_scale = epsilon_scale
         self.generator = generator
         self._run_loss = run_loss
@@ -129,6 +128,8 @@ class AttackStep:
         self.clean_gradient = self._gradient(
             [c.grad if c.grad is not None else torch.zeros_like(c.output) for c in calls]
         )
+        for call in calls:  # now in clean_gradient: do not keep a second copy alive
+            call.slot.grad = None
         self.adversarial_loss: Tensor | None = None
         self.perturbation: Tensor | None = None
         self.classes: int | None = None
