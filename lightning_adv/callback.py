@@ -33,7 +33,7 @@ from lightning_adv.embedding import (
     modules_sharing_weight,
 )
 from lightning_adv.functional import row_norms
-from lightning_adv.monitor import CollapseMonitor
+from lightning_adv.monitor import OUTPUT_MEAN_LIMIT, WEIGHT_MEAN_LIMIT, CollapseMonitor
 from lightning_adv.step import AttackStep, parse_loss_output
 
 __all__ = ["AdversarialCallback"]
@@ -240,8 +240,11 @@ class AdversarialCallback(Callback):
             self._wrap_loss_fn(pl_module)
         self._make_generator(pl_module.device)
         size = getattr(self, self.size_argument, None)
-        self._monitor = CollapseMonitor(owner, size if isinstance(size, float) else None,
-                                        self.size_argument, self.epsilon_scale == "relative")
+        self._monitor = CollapseMonitor(
+            owner, size if isinstance(size, float) else None, self.size_argument,
+            self.epsilon_scale == "relative",
+            mean_limit=OUTPUT_MEAN_LIMIT if self.target == "output" else WEIGHT_MEAN_LIMIT,
+        )
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._tap is not None:

@@ -101,14 +101,14 @@ def test_logged_statistics():
     )
 
 
-def _warnings_of(callback, steps=4):
+def _warnings_of(callback, steps=4, text="perturbation of a single token"):
     module = Classifier(clone(tiny_bert()), lr=0.0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer([callback], max_steps=steps, log_every_n_steps=1).fit(
             module, loader(make_batches(steps))
         )
-    return [str(w.message) for w in caught if "perturbation of a single token" in str(w.message)]
+    return [str(w.message) for w in caught if text in str(w.message)]
 
 
 def test_collapse_warning_fires_for_an_oversized_epsilon_and_names_the_fix():
@@ -160,6 +160,19 @@ def test_mean_rule_catches_evenly_spread_perturbations():
     assert len(messages) == 1 and "epsilon=0.00102" in messages[0]
     monitor.update(torch.tensor(0.63), None, classes=2, mean=torch.tensor(0.49))
     assert monitor.check() == []  # once per cause
+
+
+def test_output_target_warns_at_a_lower_mean():
+    # Pretrained MiniLM, FGM output target: relative 0.03 trained, 0.1 collapsed with the
+    # largest token at 0.33, under the largest-size rule's limit.
+    [message] = _warnings_of(FGM(epsilon=0.1, epsilon_scale="relative", target="output"),
+                             text="on average")
+    assert "on average 0.10 times" in message and "try `epsilon=0.032`" in message
+    assert _warnings_of(FGM(epsilon=0.03, epsilon_scale="relative", target="output"),
+                        text="on average") == []
+    # The same mean on the weight target trained MiniLM: no warning.
+    assert _warnings_of(FGM(epsilon=0.1, epsilon_scale="relative", target="weight"),
+                        text="on average") == []
 
 
 def test_mean_rule_silent_for_a_healthy_run():
