@@ -11,7 +11,6 @@ from torch import Tensor, nn
 
 from lightning_adv._checks import check_count, check_non_negative
 from lightning_adv.callback import AdversarialCallback
-from lightning_adv.functional import l2_direction, row_norms
 from lightning_adv.step import AttackStep
 
 __all__ = ["AWP"]
@@ -113,8 +112,9 @@ class AWP(AdversarialCallback):
                 if t > 0:
                     with step.forward_at(None) as forward:
                         grads = step.grad(forward.loss, weights)
-                self._perturb(weights, grads, originals)
-            self._log_sizes(step, weights, originals)
+                sizes = torch.stack(self._perturb(weights, grads, originals, first=t == 0))
+            step.logs["rel_size_mean"] = sizes.mean()
+            step.logs["rel_size_max"] = sizes.max()
             step.backward_at(None)
         finally:
             with torch.no_grad():
@@ -123,24 +123,32 @@ class AWP(AdversarialCallback):
         self._grads.clear()
 
     def _perturb(self, weights: list[nn.Parameter], grads: list[Tensor],
-                 originals: list[Tensor]) -> None:
+                 originals: list[Tensor], first: bool) -> list[Tensor]:
+        """One step on every weight; returns each weight's offset from its original,
+        relative to the original's norm (for the logs).
+
+        Works on the offset, in place where it can: the weights can be most of the model,
+        and every pass over them costs as much as a small matmul.
+        """
+        sizes = []
         with torch.no_grad():
             for weight, grad, original in zip(weights, grads, originals, strict=True):
-                direction = l2_direction(grad.reshape(1, -1).to(weight.dtype))
-                scale = self.adv_lr * row_norms(weight.detach().reshape(1, -1))
-                weight.add_((direction * scale).reshape(weight.shape))
-                bound = self.adv_epsilon * original.abs()
-                weight.copy_(torch.clamp(weight, original - bound, original + bound))
-
-    def _log_sizes(self, step: AttackStep, weights: list[nn.Parameter],
-                   originals: list[Tensor]) -> None:
-        sizes = torch.stack([
-            row_norms((w.detach() - o).reshape(1, -1).float())[0, 0]
-            / row_norms(o.reshape(1, -1).float())[0, 0].clamp_min(1e-30)
-            for w, o in zip(weights, originals, strict=True)
-        ])
-        step.logs["rel_size_mean"] = sizes.mean()
-        step.logs["rel_size_max"] = sizes.max()
+                wide = torch.promote_types(weight.dtype, torch.float32)
+                weight_norm = torch.linalg.vector_norm(weight.detach(), dtype=wide)
+                grad_norm = torch.linalg.vector_norm(grad, dtype=wide)
+                # adv_lr * g / ||g|| * ||w||; a zero gradient gives a zero step.
+                factor = (self.adv_lr * weight_norm / grad_norm.clamp_min(1e-30)).to(
+                    weight.dtype)
+                offset = grad.to(weight.dtype) * factor
+                if not first:
+                    offset += weight.detach() - original
+                bound = original.abs().mul_(self.adv_epsilon)
+                torch.minimum(offset, bound, out=offset)
+                torch.maximum(offset, bound.neg_(), out=offset)
+                torch.add(original, offset, out=weight)
+                sizes.append(torch.linalg.vector_norm(offset, dtype=wide)
+                             / torch.linalg.vector_norm(original, dtype=wide).clamp_min(1e-30))
+        return sizes
 
     def _keeper(self, index: int) -> Any:
         def keep(grad: Tensor) -> None:
