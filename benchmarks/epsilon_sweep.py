@@ -33,7 +33,7 @@ from examples.sentiment.cli import main as cli_main
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "examples" / "sentiment" / "configs" / "none.yaml"
 GUIDE = ROOT / "docs" / "guides" / "choosing-epsilon.md"
-COLLAPSE_TEXT = "perturbation of a single token"
+COLLAPSE_TEXT = "likely to collapse"  # both size warnings
 CHANCE_TEXT = "chance"
 
 
@@ -124,15 +124,20 @@ def english_reviews(path: Path, count: int, seed: int = 0) -> Path:
                "We tried the {t} for a week.", "My sister recommended this {t}.", ""]
     verdicts = ["It is {w}.", "Honestly, {w}.", "Overall it felt {w} and {w2}.",
                 "The {t} is {w}, I would say {w2}.", "Simply {w}."]
+    # A negated verdict carries the opposite label: the words alone do not decide.
+    negated = ["It is not {w} at all.", "I would not call it {w}.",
+               "Nobody could say the {t} is {w}."]
     lines = ["text\tlabel"]
     seen: set[str] = set()
     while len(lines) <= count:
         label = rng.randrange(2)
-        words = good if label else bad
+        negate = rng.random() < 0.3
+        words = good if label != negate else bad
         thing = rng.choice(things)
+        verdict = rng.choice(negated if negate else verdicts)
         text = " ".join(part for part in (
             rng.choice(openers).format(t=thing),
-            rng.choice(verdicts).format(t=thing, w=rng.choice(words), w2=rng.choice(words)),
+            verdict.format(t=thing, w=rng.choice(words), w2=rng.choice(words)),
         ) if part)
         if text not in seen:
             seen.add(text)
@@ -148,6 +153,10 @@ def plan(model: str, quick: bool) -> list[Run]:
     for target in ("weight", "output"):
         runs += [Run(f"FGM {target}, relative {eps:g}", "FGM", target, "relative", eps)
                  for eps in relative]
+    if model == "minilm" and not quick:
+        # The snippet's absolute default, meant for a pretrained BERT-base.
+        runs += [Run(f"FGM {target}, absolute 1.0", "FGM", target, "absolute", 1.0)
+                 for target in ("weight", "output")]
     if model == "char" and not quick:
         # The configurations of the table that motivated relative budgets.
         runs += [
@@ -220,13 +229,16 @@ def main(argv: list[str] | None = None) -> None:
 
     examples = options.max_examples or (300 if options.quick else
                                         (3000 if options.model == "char" else 800))
-    epochs = options.epochs or (1 if options.quick else 2)
+    epochs = options.epochs or (1 if options.quick else (2 if options.model == "char" else 3))
     data = ["--data.max_examples", str(examples), "--trainer.max_epochs", str(epochs)]
     if options.model == "minilm":
-        english = english_reviews(options.out / "english_reviews.tsv", max(examples, 400))
+        # Generated data is a run's output, not a document: it goes under runs/.
+        data_dir = ROOT / "runs" / "epsilon_sweep"
+        data_dir.mkdir(parents=True, exist_ok=True)
+        english = english_reviews(data_dir / "english_reviews.tsv", max(examples, 400))
         data += ["--data.path", str(english), "--data.text_column", "text",
                  "--data.label_column", "label", "--data.tokenizer", "minilm",
-                 "--data.max_length", "48", "--model.lr", "5e-5"]
+                 "--data.max_length", "48", "--model.lr", "1e-4"]
     if options.quick:
         data += ["--data.max_length", "48"]
 
