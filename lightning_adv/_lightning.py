@@ -7,7 +7,7 @@ these assumptions stops holding.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -19,6 +19,7 @@ from lightning.pytorch.strategies.xla import XLAStrategy
 from torch import Tensor
 
 __all__ = [
+    "attention_mask",
     "batch_size",
     "call_through_wrapper",
     "check_strategy",
@@ -86,6 +87,12 @@ def loss_arity(pl_module: pl.LightningModule, name: str, owner: str) -> int:
         f"`(batch, batch_idx)` or `(batch)`, which is how the loss method is called. Define "
         f"it as `def {name}(self, batch, batch_idx)`."
     )
+
+
+def attention_mask(batch: Any) -> Tensor | None:
+    """The batch's ``attention_mask`` (a Hugging Face batch's key), or ``None``."""
+    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    return mask if isinstance(mask, Tensor) else None
 
 
 def batch_size(batch: Any) -> int | None:

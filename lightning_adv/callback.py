@@ -399,7 +399,8 @@ class AdversarialCallback(Callback):
             if self.target == "weight":
                 space = WeightRowSpace(self._tap, calls)
             else:
-                space = OutputSpace(self._tap, calls, _lightning.batch_size(self._batch))
+                space = OutputSpace(self._tap, calls, _lightning.batch_size(self._batch),
+                                    _lightning.attention_mask(self._batch))
         scaler = _lightning.grad_scaler(trainer)
         return AttackStep(
             space=space,

@@ -284,19 +284,25 @@ class OutputSpace:
     """
 
     def __init__(self, tap: EmbeddingTap, calls: list[EmbeddingCall],
-                 batch_size: int | None = None) -> None:
+                 batch_size: int | None = None, attention_mask: Tensor | None = None) -> None:
         self.tap = tap
         self.calls = calls
         self.hidden = tap.weight.shape[1]
         self.batch, self.dims = _batch_layout(calls, tap.name, batch_size)
         self.shapes = [call.output.shape for call in calls]
         self.keep: Tensor | None = None
+        tokens: list[Tensor] | None
         if tap.padding_idx is not None:
-            masks = [
-                (call.ids != tap.padding_idx).unsqueeze(-1).expand(call.output.shape)
-                for call in calls
-            ]
-            self.keep = self.flatten(masks)
+            tokens = [call.ids != tap.padding_idx for call in calls]
+        else:
+            # No padding row (GPT-2, XLNet, T5): the batch's attention mask says which
+            # positions are padding, for the calls whose ids it matches.
+            tokens = _masked_positions(calls, attention_mask)
+        if tokens is not None:
+            self.keep = self.flatten([
+                keep.unsqueeze(-1).expand(call.output.shape)
+                for keep, call in zip(tokens, calls, strict=True)
+            ])
 
     def flatten(self, tensors: list[Tensor]) -> Tensor:
         return torch.cat([
@@ -325,6 +331,25 @@ class OutputSpace:
         ]
         with self.tap.pass_with(offsets) as calls:
             yield calls
+
+
+def _masked_positions(calls: list[EmbeddingCall],
+                      attention_mask: Tensor | None) -> list[Tensor] | None:
+    """Per call, the positions to perturb according to ``attention_mask`` (also when the
+    call looks up the ids transposed, as XLNet does); ``None`` when it matches no call."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return None
+    masks, matched = [], False
+    for call in calls:
+        if call.ids.shape == attention_mask.shape:
+            masks.append(attention_mask.to(call.ids.device) != 0)
+            matched = True
+        elif call.ids.shape == attention_mask.t().shape:
+            masks.append(attention_mask.t().to(call.ids.device) != 0)
+            matched = True
+        else:  # another input (a decoder's ids): every position counts
+            masks.append(torch.ones_like(call.ids, dtype=torch.bool))
+    return masks if matched else None
 
 
 def _moved(shape: torch.Size, dim: int) -> list[int]:

@@ -347,3 +347,30 @@ def test_unresolvable_embedding_fails_at_setup_listing_embeddings(spec, wording)
         listed = listed[::3]  # only the two word embeddings are candidates
     for name in listed:
         assert name in str(info.value)
+
+
+@pytest.mark.parametrize("arch", ["gpt2-cls", "xlnet", "t5"])
+def test_padding_without_padding_idx_is_masked_by_the_attention_mask(arch):
+    # These embeddings have no padding row; the batch's attention mask marks the padding
+    # positions, which a random start (FreeLB) must leave at zero. T5's decoder ids do
+    # not match the mask: all of their positions count.
+    from lightning_adv import FreeLB
+
+    starts: list[Tensor] = []
+
+    class Recording(FreeLB):
+        def _random_start(self, step: Any) -> Any:
+            start = super()._random_start(step)
+            starts.append(start.detach().clone())
+            return start
+
+    model, batch = build(arch), batch_for(arch)
+    attack = Recording(steps=1, init_magnitude=1.0, loss_fn="compute_loss")
+    trainer([attack], max_steps=1).fit(Classifier(model), loader([batch]))
+    [start] = starts
+    mask = batch["attention_mask"].bool()
+    tokens = mask.shape[1]
+    encoder = start[:, :tokens * HIDDEN].reshape(mask.shape[0], tokens, HIDDEN)
+    assert torch.all(encoder[~mask] == 0) and torch.all(encoder[mask] != 0)
+    if arch == "t5":
+        assert torch.all(start[:, tokens * HIDDEN:] != 0)
