@@ -34,8 +34,9 @@ test: lint docs
 demo: install
 	$(BIN)/python -m examples.sentiment fit --config examples/sentiment/configs/fgm.yaml
 
-# Minutes for step time and memory on 2 cores; hours for robustness, which trains every
-# method of the sentiment example (see benchmarks/robustness.py for faster options).
+# About half an hour each for step time and memory on 2 cores; hours for robustness, which
+# trains every method of the sentiment example (see benchmarks/robustness.py for faster
+# options).
 bench: install
 	$(BIN)/python -m benchmarks.step_time
 	$(BIN)/python -m benchmarks.memory

@@ -50,7 +50,7 @@ class AWP(AdversarialCallback):
             with two or more dimensions there.
         **kwargs: shared arguments of :class:`~lightning_adv.AdversarialCallback`
             (``loss_fn``, ``adv_weight``, schedule, ...); ``target`` and ``embedding`` do
-            not apply.
+            not apply and are refused unless left at their defaults.
 
     Example::
 
@@ -59,6 +59,7 @@ class AWP(AdversarialCallback):
 
     identity = ("adv_lr", "adv_epsilon", "steps", "params")
     needs_embedding = False
+    size_argument = "adv_epsilon"
 
     def __init__(self, adv_lr: float = 1.0, adv_epsilon: float = 0.01, steps: int = 1,
                  params: str | None = None, **kwargs: Any) -> None:

@@ -58,7 +58,8 @@ class AdversarialCallback(Callback):
         embedding: ``None`` to use ``get_input_embeddings()``; else a dotted module path in
             the LightningModule, or a name suffix matching exactly one ``nn.Embedding``.
         loss_fn: name of the LightningModule method giving the loss of a batch, called as
-            ``loss_fn(batch, batch_idx)``; returns a tensor, a dict with ``"loss"``, or an
+            ``loss_fn(batch, batch_idx)``, or ``loss_fn(batch)`` if that is all it takes;
+            returns a tensor, a dict with ``"loss"``, or an
             object with ``.loss``. Use a side-effect-free method under manual optimization.
         adv_weight: the adversarial loss is multiplied by it.
         start_step: first attacked optimizer step (``trainer.global_step``, 0-based).
@@ -82,6 +83,9 @@ class AdversarialCallback(Callback):
         RuntimeError, NotImplementedError: at ``setup``, for an embedding or loss method
             that cannot be found, ``loss_fn="training_step"`` under manual optimization,
             or an unsupported strategy.
+        ValueError, TypeError: at ``setup``, for a ``log_prefix`` another callback already
+            uses, or a loss method that takes neither ``(batch, batch_idx)`` nor
+            ``(batch)``.
     """
 
     #: Names of the subclass arguments that identify an instance in a checkpoint.
@@ -242,7 +246,7 @@ class AdversarialCallback(Callback):
         size = getattr(self, self.size_argument, None)
         self._monitor = CollapseMonitor(
             owner, size if isinstance(size, float) else None, self.size_argument,
-            self.epsilon_scale == "relative",
+            self.epsilon_scale == "relative" or not self.needs_embedding,
             mean_limit=OUTPUT_MEAN_LIMIT if self.target == "output" else WEIGHT_MEAN_LIMIT,
         )
 

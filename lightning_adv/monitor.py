@@ -22,8 +22,9 @@ class CollapseMonitor:
     """Watches an attack's statistics and warns once per cause when a run heads for collapse.
 
     Statistics are folded into device tensors at every attacked step; they are read on the
-    host only in :meth:`check`, which the callback calls when Lightning logs anyway (every
-    ``log_every_n_steps`` attacked steps), so the attack path itself never synchronises.
+    host only in :meth:`check`, which the callback calls when Lightning logs anyway (at the
+    first attacked step, then every ``log_every_n_steps`` attacked steps), so the attack
+    path itself never synchronises.
 
     Three signs, each from runs that collapsed to one class:
 

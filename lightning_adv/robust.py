@@ -58,8 +58,9 @@ class RobustAccuracy(Callback):
         alpha: step size; ``None`` gives ``2.5 * epsilon / steps`` (Madry et al., 2018).
         steps: attack steps, at least 1.
         max_batches: batches attacked per epoch and stage; ``None`` for all.
-        loss_fn: LightningModule method called as ``loss_fn(batch, batch_idx)`` that
-            returns logits (a dict with ``"logits"`` or an object with ``.logits``).
+        loss_fn: LightningModule method called as ``loss_fn(batch, batch_idx)`` (or
+            ``loss_fn(batch)`` if that is all it takes) that returns logits (a dict with
+            ``"logits"`` or an object with ``.logits``).
         label_key: key of the labels in a mapping batch (or index in a sequence batch).
         epsilon_scale: ``"absolute"`` or ``"relative"``, as for the training callbacks.
         embedding: as for the training callbacks.
@@ -68,8 +69,8 @@ class RobustAccuracy(Callback):
 
     Example::
 
-        trainer = Trainer(callbacks=[FGM(), RobustAccuracy(epsilon=0.1,
-                                                           epsilon_scale="relative")])
+        trainer = Trainer(callbacks=[FGM(epsilon=0.02, epsilon_scale="relative"),
+                                     RobustAccuracy(epsilon=0.1, epsilon_scale="relative")])
     """
 
     def __init__(
