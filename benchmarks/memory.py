@@ -202,8 +202,10 @@ def markdown(rows: list[Measured], settings: dict[str, Any]) -> str:
         "",
         f"Peak resident set size (`ru_maxrss`) of a process that builds the model and trains "
         f"{settings['steps']} optimizer steps, every step attacked, each configuration in a "
-        f"fresh process, {settings['repeats']} process(es) each (median; range in "
-        f"brackets). {settings['model']}; {settings['threads']} threads; AdamW. "
+        f"fresh process, "
+        + ("one process each. " if settings["repeats"] == 1 else
+           f"{settings['repeats']} processes each (median; range in brackets). ")
+        + f"{settings['model']}; {settings['threads']} thread(s); AdamW. "
         f"\"Over no attack\" and \"over one extra pass\" subtract the peak of the same "
         f"runner's run without attack, and of its run with one unperturbed extra forward and "
         f"backward. \"Kept per step\" is how much the resident size grows per step after the "
