@@ -246,9 +246,11 @@ def load_note(before: tuple[float, float, float], after: tuple[float, float, flo
     cpus = os.cpu_count() or 1
     text = (
         f"Load average (1, 5, 15 min) {before[0]:.1f} / {before[1]:.1f} / {before[2]:.1f} at "
-        f"the start and {after[0]:.1f} / {after[1]:.1f} / {after[2]:.1f} at the end."
+        f"the start and {after[0]:.1f} / {after[1]:.1f} / {after[2]:.1f} at the end (the "
+        "end includes the measurement's own load)."
     )
-    if max(before[0], after[0]) > 0.5 * cpus:
+    # Only the start tells of other jobs: by the end the measurement loads the machine too.
+    if before[0] > 0.5 * cpus:
         text += (
             " **Measured with other load present** on the machine: times are longer and "
             "noisier than on an idle machine."
