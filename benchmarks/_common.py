@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
@@ -283,3 +284,25 @@ def write_section(doc: Path, name: str, body: str) -> None:
         text = text.rstrip() + "\n\n" + block + "\n"
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(text, encoding="utf-8")
+
+
+def base_parser(doc: str | None, quick_help: str) -> argparse.ArgumentParser:
+    """The arguments every benchmark takes: ``--quick``, ``--out`` and ``--threads``."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0] if doc else "")
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--out", type=Path, default=Path("docs"),
+                        help="folder of benchmarks.md and img/ (default: docs)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    return parser
+
+
+def save_figure(fig: Any, ax: Any, path: Path, title: str) -> None:
+    """Title and legend as every benchmark figure has them; write ``path`` and close."""
+    import matplotlib.pyplot as plt
+
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

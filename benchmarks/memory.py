@@ -32,9 +32,11 @@ from benchmarks._common import (
     MINILM,
     QUICK,
     ModelSize,
+    base_parser,
     callback_methods,
     load_note,
     machine_summary,
+    save_figure,
     touched_rows,
     write_section,
 )
@@ -319,27 +321,17 @@ def plot(rows: list[Measured], path: Path, title: str, matrix_mb: float) -> None
     ax.axhline(0, color="black", linewidth=0.5)
     ax.set_xticks(range(len(shown)), labels, fontsize=7)
     ax.set_ylabel("peak RSS over no attack (MB)")
-    ax.legend(fontsize=8, loc="upper left")
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, ax, path, title)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else "")
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny model and a few configurations, processes side by side")
-    parser.add_argument("--out", type=Path, default=Path("docs"),
-                        help="folder of benchmarks.md and img/ (default: docs)")
+    parser = base_parser(__doc__, "tiny model and a few configurations, processes side by side")
     parser.add_argument("--steps", type=int, default=None,
                         help="optimizer steps per process (default 5; quick 3)")
     parser.add_argument("--repeats", type=int, default=None,
                         help="processes per configuration (default 2; quick 1)")
     parser.add_argument("--jobs", type=int, default=None,
                         help="processes at a time (default 1; quick 4)")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--configs", nargs="*", default=None,
                         help="keys of the configurations (default: all)")
     parser.add_argument("--mmap-threshold", type=int, default=65536,

@@ -37,6 +37,7 @@ from benchmarks._common import (
     BenchModule,
     Method,
     ModelSize,
+    base_parser,
     build_model,
     callback_methods,
     load_note,
@@ -44,6 +45,7 @@ from benchmarks._common import (
     make_batch,
     quantiles,
     quiet_trainer,
+    save_figure,
     write_section,
 )
 from benchmarks.snippet import plain_step
@@ -328,25 +330,15 @@ def plot(rows: list[Row], floor: float, path: Path, title: str) -> None:
     ax.axhline(1.0, color="black", linewidth=0.5)
     ax.set_xticks(range(len(rows)), labels, fontsize=7, rotation=0)
     ax.set_ylabel("seconds per step / seconds without attack")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, ax, path, title)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else "")
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny model and few steps: checks the script runs, in seconds")
-    parser.add_argument("--out", type=Path, default=Path("docs"),
-                        help="folder of benchmarks.md and img/ (default: docs)")
+    parser = base_parser(__doc__, "tiny model and few steps: checks the script runs, in seconds")
     parser.add_argument("--pairs", type=int, default=None,
                         help="timed (unattacked, attacked) step pairs per method (default 8)")
     parser.add_argument("--warmup-pairs", type=int, default=None,
                         help="untimed pairs first (default 2)")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--methods", nargs="*", default=None,
                         help="keys of the callbacks to time (default: all)")
     return parser.parse_args(argv)
