@@ -19,8 +19,8 @@ from lightning.pytorch.strategies.xla import XLAStrategy
 from torch import Tensor
 
 __all__ = [
-    "attention_mask",
     "batch_size",
+    "batch_tensor",
     "call_through_wrapper",
     "check_strategy",
     "grad_scaler",
@@ -89,10 +89,11 @@ def loss_arity(pl_module: pl.LightningModule, name: str, owner: str) -> int:
     )
 
 
-def attention_mask(batch: Any) -> Tensor | None:
-    """The batch's ``attention_mask`` (a Hugging Face batch's key), or ``None``."""
-    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
-    return mask if isinstance(mask, Tensor) else None
+def batch_tensor(batch: Any, key: str) -> Tensor | None:
+    """``batch[key]`` of a mapping batch (``"attention_mask"``, ``"input_ids"`` of a Hugging
+    Face batch) if it is a tensor, else ``None``."""
+    value = batch.get(key) if isinstance(batch, Mapping) else None
+    return value if isinstance(value, Tensor) else None
 
 
 def batch_size(batch: Any) -> int | None:

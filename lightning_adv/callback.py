@@ -403,8 +403,9 @@ class AdversarialCallback(Callback):
             if self.target == "weight":
                 space = WeightRowSpace(self._tap, calls)
             else:
-                space = OutputSpace(self._tap, calls, _lightning.batch_size(self._batch),
-                                    _lightning.attention_mask(self._batch))
+                space = OutputSpace(self._tap, calls, _lightning.batch_size(batch),
+                                    _lightning.batch_tensor(batch, "attention_mask"),
+                                    _lightning.batch_tensor(batch, "input_ids"))
         scaler = _lightning.grad_scaler(trainer)
         return AttackStep(
             space=space,

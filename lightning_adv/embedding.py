@@ -253,19 +253,16 @@ class EmbeddingTap:
         return output
 
 
-def _batch_layout(calls: list[EmbeddingCall], name: str,
-                  batch_size: int | None) -> tuple[int, list[int]]:
+def _batch_layout(calls: list[EmbeddingCall], name: str, batch_size: int | None,
+                  input_ids: Tensor | None = None) -> tuple[int, list[int]]:
     """The number of examples and, per call, the dimension of its output that indexes them.
 
     Most models look up ``(batch, tokens)``; XLNet transposes its ids first and looks up
     ``(tokens, batch)``. With ``batch_size`` known, a call whose first dimension differs from
-    it but whose second matches is read as batch-second.
+    it but whose second matches is read as batch-second. When both match (as many tokens as
+    examples), a call whose ids are the batch's ``input_ids`` transposed is batch-second.
     """
-    dims = [
-        1 if batch_size is not None and call.output.dim() >= 3
-        and call.output.shape[0] != batch_size and call.output.shape[1] == batch_size else 0
-        for call in calls
-    ]
+    dims = [_batch_dim(call, batch_size, input_ids) for call in calls]
     sizes = {call.output.shape[dim] for call, dim in zip(calls, dims, strict=True)}
     if len(sizes) != 1 or any(call.output.dim() < 2 for call in calls):
         raise RuntimeError(
@@ -276,6 +273,18 @@ def _batch_layout(calls: list[EmbeddingCall], name: str,
     return sizes.pop(), dims
 
 
+def _batch_dim(call: EmbeddingCall, batch_size: int | None, input_ids: Tensor | None) -> int:
+    shape = call.output.shape
+    if batch_size is None or call.output.dim() < 3 or shape[1] != batch_size:
+        return 0
+    if shape[0] != batch_size:
+        return 1
+    if input_ids is None or input_ids.shape != call.ids.shape:
+        return 0
+    ids = input_ids.to(call.ids.device)
+    return 1 if torch.equal(call.ids, ids.t()) and not torch.equal(call.ids, ids) else 0
+
+
 class OutputSpace:
     """Perturbations added to the embedding output, one row per example.
 
@@ -284,11 +293,12 @@ class OutputSpace:
     """
 
     def __init__(self, tap: EmbeddingTap, calls: list[EmbeddingCall],
-                 batch_size: int | None = None, attention_mask: Tensor | None = None) -> None:
+                 batch_size: int | None = None, attention_mask: Tensor | None = None,
+                 input_ids: Tensor | None = None) -> None:
         self.tap = tap
         self.calls = calls
         self.hidden = tap.weight.shape[1]
-        self.batch, self.dims = _batch_layout(calls, tap.name, batch_size)
+        self.batch, self.dims = _batch_layout(calls, tap.name, batch_size, input_ids)
         self.shapes = [call.output.shape for call in calls]
         self.keep: Tensor | None = None
         tokens: list[Tensor] | None
@@ -297,7 +307,7 @@ class OutputSpace:
         else:
             # No padding row (GPT-2, XLNet, T5): the batch's attention mask says which
             # positions are padding, for the calls whose ids it matches.
-            tokens = _masked_positions(calls, attention_mask)
+            tokens = _masked_positions(calls, attention_mask, self.dims)
         if tokens is not None:
             self.keep = self.flatten([
                 keep.unsqueeze(-1).expand(call.output.shape)
@@ -333,19 +343,17 @@ class OutputSpace:
             yield calls
 
 
-def _masked_positions(calls: list[EmbeddingCall],
-                      attention_mask: Tensor | None) -> list[Tensor] | None:
-    """Per call, the positions to perturb according to ``attention_mask`` (also when the
-    call looks up the ids transposed, as XLNet does); ``None`` when it matches no call."""
+def _masked_positions(calls: list[EmbeddingCall], attention_mask: Tensor | None,
+                      dims: list[int]) -> list[Tensor] | None:
+    """Per call, the positions to perturb according to ``attention_mask``, transposed for a
+    call that looks up its ids batch-second (XLNet); ``None`` when it matches no call."""
     if attention_mask is None or attention_mask.dim() != 2:
         return None
     masks, matched = [], False
-    for call in calls:
-        if call.ids.shape == attention_mask.shape:
-            masks.append(attention_mask.to(call.ids.device) != 0)
-            matched = True
-        elif call.ids.shape == attention_mask.t().shape:
-            masks.append(attention_mask.t().to(call.ids.device) != 0)
+    for call, dim in zip(calls, dims, strict=True):
+        mask = attention_mask.t() if dim == 1 else attention_mask
+        if call.ids.shape == mask.shape:
+            masks.append(mask.to(call.ids.device) != 0)
             matched = True
         else:  # another input (a decoder's ids): every position counts
             masks.append(torch.ones_like(call.ids, dtype=torch.bool))

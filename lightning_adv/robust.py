@@ -221,7 +221,8 @@ class RobustAccuracy(Callback):
         with torch.no_grad(), self._tap.pass_with(None, without_grad=True) as calls:
             clean_logits = Forward(run_loss(), [], self.loss_fn).logits
         space = OutputSpace(self._tap, calls, _lightning.batch_size(batch),
-                            _lightning.attention_mask(batch))
+                            _lightning.batch_tensor(batch, "attention_mask"),
+                            _lightning.batch_tensor(batch, "input_ids"))
         step = AttackStep(
             space=space, calls=calls, run_loss=run_loss, backward=_no_backward,
             scale=lambda value: value, replay=None,

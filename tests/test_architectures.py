@@ -374,3 +374,23 @@ def test_padding_without_padding_idx_is_masked_by_the_attention_mask(arch):
     assert torch.all(encoder[~mask] == 0) and torch.all(encoder[mask] != 0)
     if arch == "t5":
         assert torch.all(start[:, tokens * HIDDEN:] != 0)
+
+
+def test_xlnet_with_as_many_tokens_as_examples_is_read_batch_second():
+    # XLNet looks up its ids transposed. With 7 examples of 7 tokens the output's shape
+    # cannot tell the layouts apart; the ids, the batch's input_ids transposed, can.
+    spaces: list[Any] = []
+
+    class Recording(FGM):
+        def attack(self, step: Any) -> None:
+            spaces.append(step.space)
+            super().attack(step)
+
+    batch = make_batches(1, batch_size=7, seq_len=7, seed=5)[0]
+    attack = Recording(epsilon=EPSILON, target="output")
+    trainer([attack], max_steps=1).fit(Classifier(build("xlnet")), loader([batch]))
+    [space] = spaces
+    assert space.dims == [1]
+    # Padding is masked per example: example i's row is zero where its mask is 0.
+    keep = space.keep.reshape(7, 7, HIDDEN)[:, :, 0]
+    assert torch.equal(keep, batch["attention_mask"].bool())
