@@ -14,6 +14,19 @@ from transformers import BertConfig, BertForSequenceClassification
 VOCAB = 50
 PAD = 0
 
+# A LightningCLI config head for a quiet CPU trainer. No `seed_everything`: the CLI would
+# otherwise reseed the global generator of the test run.
+QUIET_TRAINER_YAML = """\
+seed_everything: false
+trainer:
+  accelerator: cpu
+  devices: 1
+  logger: false
+  enable_checkpointing: false
+  enable_progress_bar: false
+  enable_model_summary: false
+"""
+
 
 def tiny_bert(seed: int = 0, dropout: float = 0.0, dtype: torch.dtype = torch.float64,
               hidden: int = 16, layers: int = 1, labels: int = 3) -> BertForSequenceClassification:

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 import lightning_adv
 from lightning_adv import FGM, FGSM, PGD
-from tests.helpers import loader, make_batches, tiny_bert
+from tests.helpers import QUIET_TRAINER_YAML, loader, make_batches, tiny_bert
 
 
 class TinyBertModule(pl.LightningModule):
@@ -44,17 +44,6 @@ class TinyBertModule(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
-# No `seed_everything`: the CLI would otherwise reseed the global generator of the test run.
-TRAINER_YAML = """\
-seed_everything: false
-trainer:
-  accelerator: cpu
-  devices: 1
-  logger: false
-  enable_checkpointing: false
-  enable_progress_bar: false
-  enable_model_summary: false
-"""
 
 
 @pytest.fixture(autouse=True)
@@ -64,7 +53,8 @@ def _no_command_line(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _config(tmp_path: Path, callbacks: str, extra: str = "") -> str:
-    text = TRAINER_YAML + "  callbacks:\n" + textwrap.indent(textwrap.dedent(callbacks), "    ")
+    listed = textwrap.indent(textwrap.dedent(callbacks), "    ")
+    text = QUIET_TRAINER_YAML + "  callbacks:\n" + listed
     text += textwrap.dedent(extra)
     path = tmp_path / "config.yaml"
     path.write_text(text)

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from transformers import BertConfig, BertForSequenceClassification
 
 from lightning_adv import RobustAccuracy
-from tests.helpers import loader, trainer
+from tests.helpers import QUIET_TRAINER_YAML, loader, trainer
 
 VOCAB = 40
 PAD = 0
@@ -425,14 +425,7 @@ class CliModule(Evaluated):
         return loader(eval_batches()[: self.batches])
 
 
-CLI_YAML = """\
-trainer:
-  accelerator: cpu
-  devices: 1
-  logger: false
-  enable_checkpointing: false
-  enable_progress_bar: false
-  enable_model_summary: false
+CLI_YAML = QUIET_TRAINER_YAML + """\
   callbacks:
     - class_path: lightning_adv.RobustAccuracy
       init_args:
