@@ -28,7 +28,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from examples.sentiment.cli import main as cli_main
+from examples.sentiment.compare import quiet_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "examples" / "sentiment" / "configs" / "none.yaml"
@@ -90,13 +90,7 @@ def train(run: Run, data: list[str], seed: int) -> Run:
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        args = [
-            "--config", str(CONFIG), "--seed_everything", str(seed),
-            "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
-            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-            "--trainer.callbacks", _callbacks(run), *data,
-        ]
-        cli = cli_main(args, run=False, save_config_callback=None)
+        cli = quiet_cli(CONFIG, seed, ["--trainer.callbacks", _callbacks(run), *data])
         watch = _Watch(run.method.lower(), caught)
         cli.trainer.callbacks.append(watch)
         cli.trainer.fit(cli.model, cli.datamodule)

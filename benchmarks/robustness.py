@@ -175,15 +175,9 @@ def evaluate(model: pl.LightningModule, datamodule: pl.LightningDataModule,
 def train(config: Path, seed: int, overrides: list[str],
           save_to: Path | None) -> tuple[pl.LightningModule, pl.LightningDataModule, Budget | None]:
     """Train one config like the comparison script does; optionally keep a checkpoint."""
-    from examples.sentiment.cli import main as cli_main
+    from examples.sentiment.compare import quiet_cli
 
-    args = [
-        "--config", str(config), "--seed_everything", str(seed),
-        "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
-        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-        *overrides,
-    ]
-    cli = cli_main(args, run=False, save_config_callback=None)
+    cli = quiet_cli(config, seed, overrides)
     cli.trainer.fit(cli.model, cli.datamodule)
     if save_to is not None:
         save_to.mkdir(parents=True, exist_ok=True)

