@@ -32,7 +32,6 @@ from lightning_adv.embedding import (
     find_embedding,
     modules_sharing_weight,
 )
-from lightning_adv.functional import row_norms
 from lightning_adv.monitor import OUTPUT_MEAN_LIMIT, WEIGHT_MEAN_LIMIT, CollapseMonitor
 from lightning_adv.step import AttackStep, parse_loss_output
 
@@ -475,15 +474,11 @@ class AdversarialCallback(Callback):
                     step: AttackStep) -> None:
         prefix = self.log_prefix
         values: dict[str, Any] = {f"{prefix}/attacked": 1.0}
-        largest_size = mean_size = None
         if step.adversarial_loss is not None:
             values[f"{prefix}/adv_loss"] = step.adversarial_loss.float()
-        if step.perturbation is not None:
-            mean_size, largest_size = step.relative_sizes(step.perturbation)
-            values[f"{prefix}/perturbation_norm"] = row_norms(step.perturbation.float()).mean()
-            values[f"{prefix}/rel_size_mean"] = mean_size.float()
-            values[f"{prefix}/rel_size_max"] = largest_size.float()
-        for name, value in step.logs.items():
+        sizes = step.size_logs(step.perturbation) if step.perturbation is not None else {}
+        sizes.update(step.logs)
+        for name, value in sizes.items():
             values[f"{prefix}/{name}"] = value
         clean_loss = None
         if self._clean_loss_seen is not None and self._adv_loss_seen is not None:
@@ -495,9 +490,8 @@ class AdversarialCallback(Callback):
         self._attack_keys.update(key for key in values if key != f"{prefix}/attacked")
 
         if self.warn_on_collapse and self._monitor is not None:
-            largest = step.logs.get("rel_size_max", largest_size)
-            mean = step.logs.get("rel_size_mean", mean_size)
-            self._monitor.update(largest, clean_loss, step.classes, mean)
+            self._monitor.update(sizes.get("rel_size_max"), clean_loss, step.classes,
+                                 sizes.get("rel_size_mean"))
             every = int(getattr(trainer, "log_every_n_steps", 50))
             if self.attacked_steps % max(every, 1) == 0:
                 self._monitor.check()

@@ -179,6 +179,8 @@ class EmbeddingTap:
         self._capture_grads = False
         self._offsets: list[Tensor] | None = None
         self._without_grad = False
+        self._keep = True
+        self._count = 0
         self._handles: list[Any] = []
 
     def attach(self) -> None:
@@ -193,7 +195,7 @@ class EmbeddingTap:
 
     def record(self, capture_grads: bool) -> None:
         """Start recording calls (and, for the clean pass, the gradients of their outputs)."""
-        self.calls = []
+        self.calls, self._count = [], 0
         self._recording = True
         self._capture_grads = capture_grads
 
@@ -207,25 +209,28 @@ class EmbeddingTap:
         self._offsets = None
 
     def take_calls(self) -> list[EmbeddingCall]:
-        calls, self.calls = self.calls, []
+        calls, self.calls, self._count = self.calls, [], 0
         return calls
 
     @contextmanager
-    def pass_with(self, offsets: list[Tensor] | None,
-                  without_grad: bool = False) -> Iterator[list[EmbeddingCall]]:
+    def pass_with(self, offsets: list[Tensor] | None, without_grad: bool = False,
+                  keep: bool = True) -> Iterator[list[EmbeddingCall]]:
         """Record the calls of one pass, adding ``offsets`` to the outputs. With
-        ``without_grad`` the calls are recorded under ``torch.no_grad()`` too."""
-        saved = (
-            self.calls, self._recording, self._capture_grads, self._offsets, self._without_grad
-        )
+        ``without_grad`` the calls are recorded under ``torch.no_grad()`` too. Without
+        ``keep`` the offsets are applied but no call is kept, so the pass's embedding
+        outputs are freed as early as the model itself frees them."""
+        saved = (self.calls, self._recording, self._capture_grads, self._offsets,
+                 self._without_grad, self._keep, self._count)
         calls: list[EmbeddingCall] = []
         self.calls, self._recording, self._capture_grads = calls, True, False
-        self._offsets, self._without_grad = offsets, without_grad
+        self._offsets, self._without_grad, self._keep, self._count = (
+            offsets, without_grad, keep, 0
+        )
         try:
             yield calls
         finally:
             (self.calls, self._recording, self._capture_grads, self._offsets,
-             self._without_grad) = saved
+             self._without_grad, self._keep, self._count) = saved
 
     def _hook(self, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor | None:
         grad_enabled = torch.is_grad_enabled()
@@ -233,7 +238,8 @@ class EmbeddingTap:
         applying = self._offsets is not None
         if not self._recording or not (grad_enabled or self._without_grad or applying):
             return None
-        index = len(self.calls)
+        index = self._count
+        self._count += 1
         if self._offsets is not None:
             if index >= len(self._offsets) or self._offsets[index].shape != output.shape:
                 raise RuntimeError(
@@ -243,6 +249,8 @@ class EmbeddingTap:
                     "deterministic in how it calls the model, or use target='weight'."
                 )
             output = output + self._offsets[index].to(output.dtype)
+        if not self._keep:
+            return output
         if grad_enabled and not output.requires_grad:
             # A frozen embedding: its output still carries the gradient that builds r.
             output = output.detach().requires_grad_(True)
@@ -327,19 +335,27 @@ class OutputSpace:
     def mask(self, r: Tensor) -> Tensor:
         return r if self.keep is None else torch.where(self.keep, r, 0.0)
 
+    def entries(self, shape: torch.Size) -> Tensor:
+        """The number of perturbable (non-padding) entries of each row, shape ``(B, 1)``."""
+        if self.keep is None:
+            return torch.full((shape[0], 1), shape[1], device=self.tap.weight.device)
+        return self.keep.sum(dim=1, keepdim=True)
+
     def reference(self, dtype: torch.dtype) -> Tensor:
         """The clean embedding output in perturbation shape, padding zeroed."""
         return self.mask(self.flatten([c.output.detach().to(dtype) for c in self.calls]))
 
     @contextmanager
-    def applied(self, r: Tensor) -> Iterator[list[EmbeddingCall]]:
+    def applied(self, r: Tensor, keep: bool = True,
+                release: bool = False) -> Iterator[list[EmbeddingCall]]:
+        """Add ``r`` to the outputs during the block (``release`` changes nothing here)."""
         sizes = [shape.numel() // self.batch for shape in self.shapes]
         pieces = torch.split(r, sizes, dim=1)
         offsets = [
             p.reshape(_moved(shape, dim)).movedim(0, dim)
             for p, shape, dim in zip(pieces, self.shapes, self.dims, strict=True)
         ]
-        with self.tap.pass_with(offsets) as calls:
+        with self.tap.pass_with(offsets, keep=keep) as calls:
             yield calls
 
 
@@ -382,27 +398,38 @@ class WeightRowSpace:
         keep = self.row_ids >= 0
         if tap.padding_idx is not None:
             keep = keep & (self.row_ids != tap.padding_idx)
-        self.keep = keep.unsqueeze(1).expand(-1, self.hidden).reshape(1, -1)
+        #: Which groups are real, non-padding rows, shape ``(groups, 1)``: it broadcasts
+        #: over the hidden size instead of holding a flag per entry.
+        self.keep = keep.unsqueeze(1)
         self._backup: Tensor | None = None
 
     def _rows(self, tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
         flat = torch.cat([t.reshape(-1, self.hidden).to(dtype) for t in tensors])
-        rows = torch.zeros_like(flat).index_add_(0, self.inverse, flat)
-        return rows.reshape(1, -1)
+        return torch.zeros_like(flat).index_add_(0, self.inverse, flat)
 
     def gradient(self, grads: list[Tensor], dtype: torch.dtype) -> Tensor:
-        return torch.where(self.keep, self._rows(grads, dtype), 0.0)
+        return torch.where(self.keep, self._rows(grads, dtype), 0.0).reshape(1, -1)
 
     def mask(self, r: Tensor) -> Tensor:
-        return torch.where(self.keep, r, 0.0)
+        return torch.where(self.keep, r.reshape(-1, self.hidden), 0.0).reshape(1, -1)
+
+    def entries(self, shape: torch.Size) -> Tensor:
+        """The number of perturbable entries of the single row, shape ``(1, 1)``."""
+        return self.keep.sum().reshape(1, 1) * self.hidden
 
     def reference(self, dtype: torch.dtype) -> Tensor:
         """The touched rows of the weight (each once) in perturbation shape, padding zeroed."""
         rows = self.tap.weight.detach().index_select(0, self.row_ids.clamp_min(0))
-        return self.mask(rows.to(dtype).reshape(1, -1))
+        return self.mask(rows.to(dtype))
 
     @contextmanager
-    def applied(self, r: Tensor) -> Iterator[list[EmbeddingCall]]:
+    def applied(self, r: Tensor, keep: bool = True,
+                release: bool = False) -> Iterator[list[EmbeddingCall]]:
+        """Add ``r`` to the touched rows during the block, then copy the rows back.
+
+        With ``release`` the caller is done with ``r``, and the backup moves into its
+        memory once the rows are written: the pass then holds one row-sized buffer, not two.
+        """
         weight = self.tap.weight
         if self._backup is None:
             self._backup = weight.detach().index_select(0, self.ids)
@@ -414,7 +441,12 @@ class WeightRowSpace:
                 weight.index_copy_(0, self.ids, perturbed)
             # This frame lives through the pass: drop the temporaries before it starts.
             del per_position, perturbed
-            with self.tap.pass_with(None) as calls:
+            backup = self._backup
+            if (release and r.dtype == backup.dtype and r.is_contiguous()
+                    and r.numel() == backup.numel()):
+                self._backup = r.detach().view_as(backup).copy_(backup)
+                del backup
+            with self.tap.pass_with(None, keep=keep) as calls:
                 yield calls
         finally:
             self.restore()

@@ -40,5 +40,6 @@ class FGM(AdversarialCallback):
         self.epsilon = check_non_negative("FGM", "epsilon", epsilon, "1.0")
 
     def attack(self, step: AttackStep) -> None:
-        r = step.l2_budget(self.epsilon) * l2_direction(step.clean_gradient)
-        step.backward_at(r)
+        # The gradient becomes the perturbation in place: no second buffer of its size.
+        r = l2_direction(step.take_clean_gradient(), inplace=True)
+        step.backward_at(r.mul_(step.l2_budget(self.epsilon)), release=True)

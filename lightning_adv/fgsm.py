@@ -43,5 +43,6 @@ class FGSM(AdversarialCallback):
         self.epsilon = check_non_negative("FGSM", "epsilon", epsilon, "1e-3")
 
     def attack(self, step: AttackStep) -> None:
-        r = step.mask(step.entry_budget(self.epsilon) * sign_direction(step.clean_gradient))
-        step.backward_at(r)
+        # In place, as in FGM; padding entries have a zero gradient, so their sign is zero.
+        r = sign_direction(step.take_clean_gradient(), inplace=True)
+        step.backward_at(r.mul_(step.entry_budget(self.epsilon)), release=True)

@@ -32,15 +32,18 @@ def row_norms(x: Tensor) -> Tensor:
     return norms
 
 
-def l2_direction(grad: Tensor) -> Tensor:
+def l2_direction(grad: Tensor, inplace: bool = False) -> Tensor:
     """``grad / ||grad||`` row by row.
 
     A row whose norm is zero, infinite or NaN gives a zero row, so a rank or an example
-    with an unusable gradient is left unperturbed instead of skipping the pass.
+    with an unusable gradient is left unperturbed instead of skipping the pass. With
+    ``inplace``, ``grad`` is overwritten with the result, bit for bit the same values.
     """
     norm = row_norms(grad)
     usable = torch.isfinite(norm) & (norm > 0)
     safe_norm = torch.where(usable, norm, torch.ones_like(norm))
+    if inplace:
+        return grad.masked_fill_(~usable, 0.0).div_(safe_norm)
     return torch.where(usable, grad / safe_norm, torch.zeros_like(grad))
 
 
@@ -52,9 +55,12 @@ def linf_direction(grad: Tensor) -> Tensor:
     return torch.where(usable, grad / safe_norm, torch.zeros_like(grad))
 
 
-def sign_direction(grad: Tensor) -> Tensor:
-    """``sign(grad)`` row by row; a row holding any non-finite entry gives a zero row."""
+def sign_direction(grad: Tensor, inplace: bool = False) -> Tensor:
+    """``sign(grad)`` row by row; a row holding any non-finite entry gives a zero row.
+    With ``inplace``, ``grad`` is overwritten with the result."""
     usable = torch.isfinite(grad).all(dim=1, keepdim=True)
+    if inplace:
+        return grad.masked_fill_(~usable, 0.0).sign_()
     return torch.where(usable, grad.sign(), torch.zeros_like(grad))
 
 

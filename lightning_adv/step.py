@@ -121,15 +121,18 @@ class AttackStep:
         self._replay = replay
         self._loss_fn = loss_fn
         self._clean_logits = clean_logits
-        self._reference: Tensor | None = None
+        self._reference_norms: Tensor | None = None
         self.dtype = (
             torch.promote_types(calls[0].output.dtype, torch.float32) if calls else torch.float32
         )
-        self.clean_gradient = self._gradient(
+        self._clean_gradient: Tensor | None = self._gradient(
             [c.grad if c.grad is not None else torch.zeros_like(c.output) for c in calls]
         )
         for call in calls:  # now in clean_gradient: do not keep a second copy alive
             call.slot.grad = None
+        self._like = torch.empty(0, dtype=self._clean_gradient.dtype,
+                                 device=self._clean_gradient.device)
+        self.shape = self._clean_gradient.shape
         self.adversarial_loss: Tensor | None = None
         self.perturbation: Tensor | None = None
         self.classes: int | None = None
@@ -138,6 +141,22 @@ class AttackStep:
         self.logs: dict[str, Tensor] = {}
 
     # -- shapes and budgets -----------------------------------------------------------
+
+    @property
+    def clean_gradient(self) -> Tensor:
+        """This micro-batch's loss gradient with respect to the perturbation."""
+        if self._clean_gradient is None:
+            raise RuntimeError(
+                "The clean gradient of this step was already taken by `take_clean_gradient()`."
+            )
+        return self._clean_gradient
+
+    def take_clean_gradient(self) -> Tensor:
+        """The clean gradient, handed over: the step forgets it, so the caller may overwrite
+        it in place (a one-step method turns it into its perturbation without a copy)."""
+        gradient = self.clean_gradient
+        self._clean_gradient = None
+        return gradient
 
     def _space(self) -> Space:
         if self.space is None:
@@ -150,7 +169,7 @@ class AttackStep:
         return self.space.gradient(grads, self.dtype)
 
     def zeros(self) -> Tensor:
-        return torch.zeros_like(self.clean_gradient)
+        return self._like.new_zeros(self.shape)
 
     def mask(self, r: Tensor) -> Tensor:
         """Zero the entries of ``r`` that belong to padding."""
@@ -159,24 +178,26 @@ class AttackStep:
     @property
     def reference(self) -> Tensor:
         """What is perturbed, in perturbation shape: each example's clean embedding output,
-        or the touched rows of the weight; padding zeroed."""
-        if self._reference is None:
-            self._reference = self._space().reference(self.dtype)
-        return self._reference
+        or the touched rows of the weight; padding zeroed. Built anew on each use, so it
+        is not kept alive through the adversarial passes."""
+        return self._space().reference(self.dtype)
+
+    def reference_norms(self) -> Tensor:
+        """The L2 norm of each row of :attr:`reference`, shape ``(examples, 1)``."""
+        if self._reference_norms is None:
+            self._reference_norms = row_norms(self.reference)
+        return self._reference_norms
 
     def entries(self) -> Tensor:
         """Number of perturbable (non-padding) entries per row, shape ``(examples, 1)``."""
-        keep = self._space().keep
-        if keep is None:
-            return torch.full_like(self.clean_gradient[:, :1], self.clean_gradient.shape[1])
-        return keep.sum(dim=1, keepdim=True).to(self.dtype)
+        return self._space().entries(self.shape).to(self.dtype)
 
     def l2_budget(self, value: float) -> float | Tensor:
         """An L2 radius or step size: ``value`` itself, or with ``epsilon_scale="relative"``,
         ``value`` times each row's norm of what is perturbed (shape ``(examples, 1)``)."""
         if self.epsilon_scale == "absolute":
             return value
-        return value * row_norms(self.reference)
+        return value * self.reference_norms()
 
     def entry_budget(self, value: float) -> float | Tensor:
         """A per-entry size (sign steps, L-infinity balls, noise scales): ``value`` itself,
@@ -184,22 +205,31 @@ class AttackStep:
         what is perturbed, per row."""
         if self.epsilon_scale == "absolute":
             return value
-        return value * row_norms(self.reference) / self.entries().clamp_min(1).sqrt()
+        return value * self.reference_norms() / self.entries().clamp_min(1).sqrt()
 
     def relative_sizes(self, r: Tensor) -> tuple[Tensor, Tensor]:
         """``(mean, largest)`` size of ``r`` relative to what it perturbs; see
         :func:`lightning_adv.functional.relative_sizes`."""
         return relative_sizes(r.to(self.dtype), self.reference, self._space().hidden)
 
+    def size_logs(self, r: Tensor) -> dict[str, Tensor]:
+        """What the callback logs about a perturbation: its mean L2 norm per row and its
+        mean and largest size relative to what it perturbs."""
+        mean, largest = self.relative_sizes(r)
+        return {"perturbation_norm": row_norms(r.float()).mean(),
+                "rel_size_mean": mean.float(), "rel_size_max": largest.float()}
+
     def normal(self) -> Tensor:
         """Standard normal noise in perturbation shape from the callback's generator."""
-        g = self.clean_gradient
-        return torch.randn(g.shape, generator=self.generator, dtype=g.dtype, device=g.device)
+        like = self._like
+        return torch.randn(self.shape, generator=self.generator, dtype=like.dtype,
+                           device=like.device)
 
     def uniform(self) -> Tensor:
         """Noise uniform in ``[-1, 1)`` in perturbation shape from the callback's generator."""
-        g = self.clean_gradient
-        noise = torch.rand(g.shape, generator=self.generator, dtype=g.dtype, device=g.device)
+        like = self._like
+        noise = torch.rand(self.shape, generator=self.generator, dtype=like.dtype,
+                           device=like.device)
         return 2 * noise - 1
 
     # -- passes -----------------------------------------------------------------------
@@ -219,11 +249,16 @@ class AttackStep:
         return self._clean_logits
 
     @contextmanager
-    def forward_at(self, r: Tensor | None) -> Iterator[Forward]:
+    def forward_at(self, r: Tensor | None, keep_calls: bool = True,
+                   release: bool = False) -> Iterator[Forward]:
         """Run the loss method with ``r`` applied (``None``: nothing applied). ``r`` stays
-        applied until the block ends, so a backward inside the block sees it."""
+        applied until the block ends, so a backward inside the block sees it. Without
+        ``keep_calls`` the forward records no embedding call (``forward.calls`` is empty):
+        enough for a backward into the parameters, and it frees the embedding outputs.
+        ``release`` is explained in :meth:`backward_at`."""
         replay = self._replay() if self._replay is not None else nullcontext()
-        applied = self._space().applied(r) if r is not None else _no_calls()
+        applied = (self._space().applied(r, keep_calls, release) if r is not None
+                   else _no_calls())
         with applied as calls:
             with replay:
                 output = self._run_loss()
@@ -274,11 +309,18 @@ class AttackStep:
             [c.grad if c.grad is not None else torch.zeros_like(c.output) for c in forward.calls]
         )
 
-    def backward_at(self, r: Tensor | None) -> Tensor:
-        """One forward at ``r`` and a full backward of the adversarial loss; returns it."""
-        with self.forward_at(r) as forward:
+    def backward_at(self, r: Tensor | None, release: bool = False) -> Tensor:
+        """One forward at ``r`` and a full backward of the adversarial loss; returns it.
+
+        With ``release`` the caller is done with ``r``: the weight target may then keep its
+        backup of the perturbed rows in ``r``'s memory instead of a copy, so the values of
+        ``r`` are undefined afterwards. Its sizes are logged from before the pass.
+        """
+        if release and r is not None:
+            self.logs = {**self.size_logs(r), **self.logs}
+        with self.forward_at(r, keep_calls=False, release=release) as forward:
             loss = forward.loss
-            self.backward(loss, r)
+            self.backward(loss, None if release else r)
             return loss.detach()
 
 

@@ -132,3 +132,24 @@ def trainer(callbacks: list[pl.Callback], **kwargs: Any) -> pl.Trainer:
 
 def clone(model: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(model)
+
+
+def attack_and_capture(attack: Any, step: Any) -> Tensor | None:
+    """Run ``attack(step)`` and return the last perturbation it applied.
+
+    One-step methods hand their perturbation over with ``backward_at(r, release=True)``,
+    after which its memory holds the weight backup; the copy is taken before that.
+    """
+    released: list[Tensor] = []
+    original = step.backward_at
+
+    def backward_at(r: Tensor | None, release: bool = False) -> Tensor:
+        if release and r is not None:
+            released.append(r.detach().clone())
+        return original(r, release)  # type: ignore[no-any-return]
+
+    step.backward_at = backward_at
+    attack(step)
+    if step.perturbation is not None:
+        return step.perturbation  # type: ignore[no-any-return]
+    return released[-1] if released else None

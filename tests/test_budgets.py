@@ -11,14 +11,23 @@ import torch
 from lightning_adv import FGM, FGSM, PGD, FreeLB
 from lightning_adv.functional import relative_sizes, row_norms
 from lightning_adv.monitor import CollapseMonitor
-from tests.helpers import PAD, Classifier, clone, loader, make_batches, tiny_bert, trainer
+from tests.helpers import (
+    PAD,
+    Classifier,
+    attack_and_capture,
+    clone,
+    loader,
+    make_batches,
+    tiny_bert,
+    trainer,
+)
 
 
 def _capturing(cls):
     class Capturing(cls):
         def attack(self, step):
-            super().attack(step)
-            self.seen = (step.perturbation.clone(), step.reference.clone(), step)
+            r = attack_and_capture(super().attack, step)
+            self.seen = (r.clone(), step.reference.clone(), step)
 
     Capturing.__name__ = cls.__name__
     return Capturing
@@ -57,7 +66,7 @@ def test_relative_fgsm_entry_is_epsilon_times_rms_entry(target):
     callback = _capturing(FGSM)(epsilon=0.1, epsilon_scale="relative", target=target)
     _fit(callback)
     r, reference, step = callback.seen
-    keep = step.space.keep if step.space.keep is not None else torch.ones_like(r, dtype=bool)
+    keep = step.mask(torch.ones_like(r)) != 0
     rms = row_norms(reference) / keep.sum(dim=1, keepdim=True).sqrt()
     nonzero = r != 0
     assert nonzero.any()

@@ -44,7 +44,14 @@ from lightning_adv import (
     _lightning,
 )
 from lightning_adv.functional import row_norms
-from tests.helpers import Classifier, ManualClassifier, loader, make_batches, tiny_bert
+from tests.helpers import (
+    Classifier,
+    ManualClassifier,
+    attack_and_capture,
+    loader,
+    make_batches,
+    tiny_bert,
+)
 from tests.helpers import trainer as make_trainer
 
 pytestmark = pytest.mark.skipif(
@@ -119,9 +126,9 @@ def _recording(cls: type[AdversarialCallback]) -> type[AdversarialCallback]:
             self.perturbation_norms: list[Tensor] = []
 
         def attack(self, step: AttackStep) -> None:
-            super().attack(step)
-            assert step.perturbation is not None
-            self.perturbation_norms.append(row_norms(step.perturbation).flatten())
+            r = attack_and_capture(super().attack, step)
+            assert r is not None
+            self.perturbation_norms.append(row_norms(r).flatten())
 
     return Recording
 

@@ -69,3 +69,26 @@ def test_robust_accuracy_keeps_no_tensors_alive():
     fit.fit(Validated(tiny_bert(), lr=0.01), loader(batches[:1]), loader(batches))
     assert len(counter.val) == 6
     assert counter.val[-1] == counter.val[2], counter.val
+
+
+@pytest.mark.parametrize("cls", [FGM, FGSM])
+def test_one_step_methods_hold_a_single_row_buffer_during_their_pass(cls):
+    # The clean gradient becomes the perturbation in place, and once the rows are written
+    # the backup moves into its memory: one buffer of the touched rows' size, not three.
+    model = tiny_bert()
+    batches = make_batches(1)
+    positions, hidden = batches[0]["input_ids"].numel(), model.config.hidden_size
+    shapes = {(1, positions * hidden), (positions, hidden)}
+    buffers: list[int] = []
+
+    def count(*args: Any) -> None:
+        gc.collect()
+        buffers.append(len({
+            obj.untyped_storage().data_ptr() for obj in gc.get_objects()
+            if torch.is_tensor(obj) and not isinstance(obj, torch.nn.Parameter)
+            and tuple(obj.shape) in shapes
+        }))
+
+    model.classifier.register_forward_hook(count)
+    trainer([cls(epsilon=0.01)], max_steps=1).fit(Classifier(model), loader(batches))
+    assert buffers == [0, 1]  # the clean forward, then the adversarial one
