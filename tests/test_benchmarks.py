@@ -127,13 +127,19 @@ def test_memory_table(quick_runs: dict[str, Path]) -> None:
     text = section(quick_runs["memory"] / "benchmarks.md", "memory")
     rows = {(row["method"], row["runner"]): row for row in table(text, "method")}
     assert set(rows) == {("no attack", "Lightning"), ("FGM", "Lightning"),
+                         ("one extra pass (no attack)", "Lightning"),
                          ("one extra pass (no attack)", "plain PyTorch"),
                          ("snippet FGM", "plain PyTorch")}
     for row in rows.values():
         assert number(row["peak MB"]) > 50  # a Python process with torch loaded
         assert abs(number(row["kept per step, MB"])) < 1000
     assert number(rows[("no attack", "Lightning")]["over no attack, MB"]) == 0
-    assert "snippet's FGM adds" in text
+    extra = rows[("one extra pass (no attack)", "Lightning")]
+    assert number(extra["live tensors over one extra pass, MB"]) == 0
+    # The tiny model's backup is a few KB; a second copy of a weight matrix would show.
+    fgm_live = number(rows[("FGM", "Lightning")]["live tensors over one extra pass, MB"])
+    assert 0 <= fgm_live < 0.5
+    assert "snippet's FGM adds" in text and "FGM on the weight target holds" in text
 
 
 def test_robustness_table(quick_runs: dict[str, Path]) -> None:
