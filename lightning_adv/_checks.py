@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Collection
 from typing import Any
 
@@ -10,30 +11,36 @@ __all__ = ["check_choice", "check_count", "check_flag", "check_non_negative"]
 
 
 def check_non_negative(owner: str, name: str, value: Any, example: str) -> float:
-    """A finite real number ``>= 0``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """A finite real number ``>= 0`` (NumPy scalars included), returned as a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(
             f"{owner}: `{name}` must be a number, got {type(value).__name__} {value!r}. "
             f"Pass a value such as {example}."
         )
-    if not math.isfinite(value) or value < 0:
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number) or number < 0:
         raise ValueError(
             f"{owner}: `{name}` must be a finite number >= 0, got {value!r}. "
             f"Pass a value such as {example}."
         )
-    return float(value)
+    return number
 
 
 def check_count(owner: str, name: str, value: Any, minimum: int) -> int:
-    """A whole number ``>= minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    """A whole number ``>= minimum`` (NumPy integers included), returned as an int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(
             f"{owner}: `{name}` must be a whole number >= {minimum}, got "
             f"{type(value).__name__} {value!r}."
         )
     if value < minimum:
-        raise ValueError(f"{owner}: `{name}` must be >= {minimum}, got {value}.")
-    return value
+        raise ValueError(
+            f"{owner}: `{name}` must be >= {minimum}, got {value}. Pass {minimum} or more."
+        )
+    return int(value)
 
 
 def check_choice(owner: str, name: str, value: Any, choices: Collection[str]) -> str:
@@ -57,12 +64,13 @@ def check_seed(owner: str, value: Any) -> int | None:
     """``None`` or a whole number a ``torch.Generator`` accepts."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
-        raise TypeError(
-            f"{owner}: `seed` must be None or a whole number from 0 to 2**63 - 1, got "
-            f"{value!r}."
-        )
-    return value
+    wanted = f"{owner}: `seed` must be None or a whole number from 0 to 2**63 - 1, got "
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{wanted}{type(value).__name__} {value!r}.")
+    seed = int(value)
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"{wanted}{value!r}.")
+    return seed
 
 
 def check_name(owner: str, name: str, value: Any) -> str:

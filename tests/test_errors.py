@@ -103,8 +103,8 @@ def test_shared_argument_checked_at_construction(cls, name, value, error, messag
 
 
 @pytest.mark.parametrize(("name", "value", "error", "message"), [
-    ("seed", 2**70, TypeError, r"`seed` must be None or a whole number from 0 to 2\*\*63 - 1"),
-    ("seed", -1, TypeError, r"`seed` must be None or a whole number from 0"),
+    ("seed", 2**70, ValueError, r"`seed` must be None or a whole number from 0 to 2\*\*63 - 1"),
+    ("seed", -1, ValueError, r"`seed` must be None or a whole number from 0"),
     ("seed", "x", TypeError, r"`seed` must be None or a whole number from 0"),
     ("log_prefix", "", ValueError, r"`log_prefix` must be a non-empty name"),
     ("log_prefix", 5, ValueError, r"`log_prefix` must be a non-empty name"),
@@ -427,3 +427,15 @@ def test_loss_method_with_another_signature_fails_at_setup():
     pattern = (r"FGM: `OneArgument\.three\(batch, batch_idx, extra\)` cannot "
                r"be called with `\(batch, batch_idx\)` or `\(batch\)`")
     _fails_before_training(OneArgument(tiny_bert()), FGM(loss_fn="three"), TypeError, pattern)
+
+
+def test_numpy_scalars_count_as_numbers():
+    np = pytest.importorskip("numpy")
+    fgm = FGM(epsilon=np.float32(0.5), start_step=np.int64(2), seed=np.int64(3))
+    assert (fgm.epsilon, fgm.start_step, fgm.seed) == (0.5, 2, 3)
+    assert (type(fgm.epsilon), type(fgm.start_step), type(fgm.seed)) == (float, int, int)
+
+
+def test_an_epsilon_too_large_for_a_float_is_a_value_error():
+    with pytest.raises(ValueError, match=r"FGM: `epsilon` must be a finite number >= 0"):
+        FGM(epsilon=10**400)
