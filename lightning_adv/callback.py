@@ -93,8 +93,6 @@ class AdversarialCallback(Callback):
     targets: ClassVar[tuple[str, ...]] = ("weight", "output")
     #: Whether the method perturbs the word embedding (AWP perturbs other weights).
     needs_embedding: ClassVar[bool] = True
-    #: Whether the method compares against the clean pass's logits (SMART, VAT, R3F).
-    needs_clean_logits: ClassVar[bool] = False
     #: The argument that sizes the perturbation, named in collapse warnings.
     size_argument: ClassVar[str] = "epsilon"
 
@@ -169,6 +167,7 @@ class AdversarialCallback(Callback):
         self._batch_idx = 0
         self._rng_state: RandomState | None = None
         self._clean_logits: Tensor | None = None
+        self._clean_loss: Tensor | None = None
         self._clean_loss_seen: Tensor | None = None
         self._adv_loss_seen: Tensor | None = None
         self._clean_weighting: CleanGradientWeight | None = None
@@ -233,14 +232,16 @@ class AdversarialCallback(Callback):
             return
         owner = type(self).__name__
         _lightning.check_strategy(trainer, owner)
+        # Steps are numbered anew by each fit: a step counted in an earlier fit of this
+        # callback must not stop the same number from counting again.
+        self._last_counted_step = -1
         self._check_log_prefix(trainer)
         self._check_loss_fn(pl_module)
         if self.needs_embedding:
             name, embedding = find_embedding(pl_module, self.embedding)
             self._tap = EmbeddingTap(name, modules_sharing_weight(pl_module, embedding))
             self._tap.attach()
-        if self.needs_clean_logits:
-            self._wrap_loss_fn(pl_module)
+        self._wrap_loss_fn(pl_module)
         self._make_generator(pl_module.device)
         size = getattr(self, self.size_argument, None)
         self._monitor = CollapseMonitor(
@@ -305,6 +306,14 @@ class AdversarialCallback(Callback):
                 f"the forward pass of this training step, so it cannot be attacked. Pass "
                 f"`embedding=` with the embedding module that `{self.loss_fn}` really calls."
             )
+        if self._tap is not None and calls and all(call.grad is None for call in calls):
+            raise RuntimeError(
+                f"{type(self).__name__}: the loss of this training step did not reach the "
+                f"output of the embedding {self._tap.name!r} through "
+                "autograd (it was detached, or computed under `torch.no_grad()`), so any "
+                "perturbation of it would change nothing. Let the loss depend on the "
+                "embedding's output, or pass `embedding=` with the one it does depend on."
+            )
         if self._clean_weighting is not None:
             self._clean_weighting.after_backward()
             self._clean_weighting = None
@@ -360,7 +369,8 @@ class AdversarialCallback(Callback):
         self._loss_arity = _lightning.loss_arity(pl_module, self.loss_fn, owner)
 
     def _wrap_loss_fn(self, pl_module: pl.LightningModule) -> None:
-        """Keep the logits the loss method returns during the clean pass, for free."""
+        """Keep the loss and logits the loss method returns during the clean pass, for free:
+        the logits for the methods that compare with them, the loss for the logged ratio."""
         original = getattr(pl_module, self.loss_fn)
         shadowed = self.loss_fn in pl_module.__dict__
 
@@ -368,9 +378,11 @@ class AdversarialCallback(Callback):
         def recording(*args: Any, **kwargs: Any) -> Any:
             output = original(*args, **kwargs)
             if self.in_clean_pass:
-                _, logits = parse_loss_output(output)
+                loss, logits = parse_loss_output(output)
                 if logits is not None:
                     self._clean_logits = logits.detach()
+                if loss is not None and loss.numel() == 1:
+                    self._clean_loss = loss.detach()
             return output
 
         object.__setattr__(pl_module, self.loss_fn, recording)
@@ -480,12 +492,20 @@ class AdversarialCallback(Callback):
         sizes.update(step.logs)
         for name, value in sizes.items():
             values[f"{prefix}/{name}"] = value
-        clean_loss = None
-        if self._clean_loss_seen is not None and self._adv_loss_seen is not None:
+        clean_loss = ratio = None
+        if self._clean_loss is not None and step.adversarial_loss is not None:
+            # Both as the loss method returned them: whatever the module divides its loss
+            # by before `manual_backward` (its own accumulation) does not enter the ratio.
+            clean_loss = self._clean_loss.float()
+            ratio = step.adversarial_loss.float() / clean_loss
+        elif self._clean_loss_seen is not None and self._adv_loss_seen is not None:
+            # The loss method did not run in the clean pass (`training_step` computed the
+            # loss itself): compare the losses as backpropagated, scaled alike.
             ratio = (self._adv_loss_seen / self._clean_loss_seen).float()
-            values[f"{prefix}/adv_clean_ratio"] = ratio
             if step.adversarial_loss is not None:
                 clean_loss = step.adversarial_loss.float() / ratio
+        if ratio is not None:
+            values[f"{prefix}/adv_clean_ratio"] = ratio
         pl_module.log_dict(values, on_step=True, on_epoch=False)
         self._attack_keys.update(key for key in values if key != f"{prefix}/attacked")
 

@@ -40,7 +40,6 @@ class R3F(AdversarialCallback):
 
     identity = ("epsilon", "noise")
     targets = ("output",)
-    needs_clean_logits = True
 
     def __init__(self, epsilon: float = 1e-5, noise: Literal["normal", "uniform"] = "normal",
                  target: Literal["output"] = "output", **kwargs: Any) -> None:

@@ -56,7 +56,6 @@ class SMART(AdversarialCallback):
 
     identity = ("epsilon", "alpha", "steps", "noise_std", "norm")
     targets = ("output",)
-    needs_clean_logits = True
 
     def __init__(self, epsilon: float = 1e-5, alpha: float = 1e-3, steps: int = 1,
                  noise_std: float = 1e-5, norm: Literal["linf", "l2"] = "linf",

@@ -50,7 +50,6 @@ class VAT(AdversarialCallback):
 
     identity = ("epsilon", "xi", "power_iterations", "batch_key")
     targets = ("output",)
-    needs_clean_logits = True
 
     def __init__(self, epsilon: float = 5.0, xi: float = 0.1, power_iterations: int = 1,
                  batch_key: str | None = None, target: Literal["output"] = "output",

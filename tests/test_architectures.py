@@ -292,6 +292,23 @@ def test_embedding_never_called_is_an_error_naming_it():
     assert adversarial and not torch.equal(adversarial[0].weight, clean[0].weight)
 
 
+class _Detached(_Toy):
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Any:
+        hidden = self.table(input_ids).detach() * attention_mask.unsqueeze(-1)
+        logits = self.head(hidden.sum(1) / attention_mask.sum(1, keepdim=True))
+        return SimpleNamespace(loss=F.cross_entropy(logits, labels), logits=logits)
+
+
+@pytest.mark.parametrize("target", ["weight", "output"])
+def test_embedding_cut_from_the_loss_is_an_error(target):
+    model = _Detached(share=False)
+    start = model.table.weight.detach().clone()
+    with pytest.raises(RuntimeError, match=r"did not reach the output of the embedding "
+                                           r"'model\.table' through autograd"):
+        fit(Classifier(model), make_batches(1)[0], model.table.weight, target=target)
+    assert torch.equal(model.table.weight, start)
+
+
 # -- embedding= as a suffix or a dotted path ---------------------------------------------------
 
 

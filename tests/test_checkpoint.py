@@ -209,3 +209,11 @@ def test_checkpoint_without_the_callback_resumes(tmp_path):
     module, _ = _fit([callback], max_steps=4, ckpt_path=str(path))
     assert module.loss_steps == [2, 3]
     assert callback.attacked_steps == 2
+
+
+def test_a_callback_reused_across_fits_counts_every_attacked_step():
+    callback = FGM(epsilon=0.01)
+    for fits in range(1, 4):
+        fit = trainer([callback], max_steps=1)
+        fit.fit(Classifier(tiny_bert()), loader(make_batches(1)))
+        assert callback.attacked_steps == fits

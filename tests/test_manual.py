@@ -117,3 +117,27 @@ def test_compute_loss_under_manual_optimization_trains():
     trainer.fit(module, loader(make_batches(2)))
     assert trainer.global_step == 2
     assert not torch.equal(module.get_parameter("model." + EMBEDDING), initial)
+
+
+class DividingManualClassifier(ManualClassifier):
+    """Manual optimization that divides its loss by 4 before the backward, as a module
+    accumulating four micro-batches by hand does."""
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        optimizer = self.optimizers()
+        loss = self.compute_loss(batch, batch_idx)["loss"]
+        optimizer.zero_grad()
+        self.manual_backward(loss / 4)
+        optimizer.step()
+        return loss.detach()
+
+
+def test_ratio_ignores_what_a_manual_module_divides_its_loss_by():
+    ratios = []
+    for module_class in (ManualClassifier, DividingManualClassifier):
+        fit = make_trainer([FGM(epsilon=0.0, loss_fn="compute_loss", adv_weight=0.25)],
+                           max_steps=1, log_every_n_steps=1)
+        fit.fit(module_class(clone(tiny_bert())), loader(make_batches(1)))
+        ratios.append(float(fit.callback_metrics["fgm/adv_clean_ratio"]))
+    # epsilon=0: the adversarial loss is the clean loss, whatever the module scales.
+    assert ratios == pytest.approx([1.0, 1.0], rel=1e-9)
