@@ -123,6 +123,9 @@ class RunOutcome:
     seconds: float
     description: str
     facts: dict[str, Any]
+    #: Validation accuracy after the last epoch, for choosing settings without the test
+    #: split (absent from outcomes saved before it was recorded).
+    val_accuracy: float | None = None
 
     def save(self, path: Path, overrides: list[str]) -> None:
         record = {**vars(self), "correct": self.correct.astype(int).tolist(),
@@ -169,6 +172,7 @@ def train_and_test(name: str, seed: int, overrides: list[str], config_dir: Path 
     start = time.perf_counter()
     cli = quiet_cli(config_dir / f"{name}.yaml", seed, overrides)
     cli.trainer.fit(cli.model, cli.datamodule)
+    val_accuracy = cli.trainer.callback_metrics.get("val/acc")
     if checkpoints is not None:
         checkpoints.mkdir(parents=True, exist_ok=True)
         cli.trainer.save_checkpoint(checkpoints / f"{name}-seed{seed}.ckpt")
@@ -181,6 +185,7 @@ def train_and_test(name: str, seed: int, overrides: list[str], config_dir: Path 
         name, seed, float(metrics["test/acc"]), float(metrics["test/f1"]),
         (predictions == labels).numpy(), time.perf_counter() - start,
         _describe(cli.trainer), _facts(cli),
+        None if val_accuracy is None else float(val_accuracy),
     )
 
 
@@ -212,7 +217,9 @@ def run_comparison(methods: list[str], seeds: list[int], overrides: list[str],
             outcome.save(saved / f"{outcome.name}-seed{outcome.seed}.json", overrides)
         # The data summary is the same for every run: print it once.
         logging.getLogger("examples.sentiment").setLevel(logging.WARNING)
-        print(f"seed {outcome.seed} {outcome.name:>6}: test accuracy "
+        val = "" if outcome.val_accuracy is None else (
+            f"validation accuracy {100 * outcome.val_accuracy:.2f} %, ")
+        print(f"seed {outcome.seed} {outcome.name:>6}: {val}test accuracy "
               f"{100 * outcome.accuracy:.2f} %, macro-F1 {100 * outcome.f1:.2f} % "
               f"({outcome.seconds:.0f} s)", flush=True)
 
