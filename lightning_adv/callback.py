@@ -429,6 +429,7 @@ class AdversarialCallback(Callback):
             epsilon_scale=self.epsilon_scale,
             clean_logits=clean_logits,
             generator=self.generator,
+            owner=type(self).__name__,
         )
 
     def _reference_pass(self, trainer: pl.Trainer, pl_module: pl.LightningModule,

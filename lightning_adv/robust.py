@@ -219,7 +219,7 @@ class RobustAccuracy(Callback):
                 return getattr(pl_module, self.loss_fn)(*(batch, batch_idx)[:self._loss_arity])
 
         with torch.no_grad(), self._tap.pass_with(None, without_grad=True) as calls:
-            clean_logits = Forward(run_loss(), [], self.loss_fn).logits
+            clean_logits = Forward(run_loss(), [], self.loss_fn, "RobustAccuracy").logits
         space = OutputSpace(self._tap, calls, _lightning.batch_size(batch),
                             _lightning.batch_tensor(batch, "attention_mask"),
                             _lightning.batch_tensor(batch, "input_ids"))
@@ -227,6 +227,7 @@ class RobustAccuracy(Callback):
             space=space, calls=calls, run_loss=run_loss, backward=_no_backward,
             scale=lambda value: value, replay=None,
             loss_fn=self.loss_fn, epsilon_scale=self.epsilon_scale, generator=self._generator,
+            owner="RobustAccuracy",
         )
         radius, alpha = step.l2_budget(self.epsilon), step.l2_budget(self.alpha)
         delta = project_l2(step.mask(step.uniform()), radius)

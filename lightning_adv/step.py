@@ -32,11 +32,14 @@ def parse_loss_output(output: Any) -> tuple[Tensor | None, Tensor | None]:
     )
 
 
-def _missing(what: str, loss_fn: str, output: Any, shape: str) -> RuntimeError:
+def _missing(what: str, forward: Forward, shape: str) -> RuntimeError:
+    other = (
+        "" if forward.loss_fn == "compute_loss"
+        else ", or pass `loss_fn=` naming a method that does, such as 'compute_loss'"
+    )
     return RuntimeError(
-        f"`{loss_fn}` returned {type(output).__name__} without {what}. Make it return "
-        f"{shape} (a Hugging Face model output called with labels has both), or pass "
-        "`loss_fn=` naming a method that does, such as 'compute_loss'."
+        f"{forward.prefix}`{forward.loss_fn}` returned {type(forward.output).__name__} "
+        f"without {what}. Make it return {shape}{other}."
     )
 
 
@@ -47,25 +50,32 @@ class Forward:
     output: Any
     calls: list[EmbeddingCall]
     loss_fn: str
+    #: The callback's class name, which starts every message.
+    owner: str = ""
+
+    @property
+    def prefix(self) -> str:
+        return f"{self.owner}: " if self.owner else ""
 
     @property
     def loss(self) -> Tensor:
         loss, _ = parse_loss_output(self.output)
         if loss is None:
-            raise _missing("a loss tensor", self.loss_fn, self.output,
-                           "the loss tensor, a dict with 'loss', or an object with `.loss`")
+            raise _missing("a loss tensor", self,
+                           "the loss tensor, a dict with 'loss', or an object with `.loss` "
+                           "(a Hugging Face model output called with labels has it)")
         if loss.numel() != 1:
             raise RuntimeError(
-                f"`{self.loss_fn}` returned a loss of shape {tuple(loss.shape)}; the "
+                f"{self.prefix}`{self.loss_fn}` returned a loss of shape {tuple(loss.shape)}; the "
                 "adversarial pass needs one scalar loss for the batch. Reduce it (for "
                 "example with `.mean()`) in that method."
             )
         if torch.is_grad_enabled() and not loss.requires_grad:
             raise RuntimeError(
-                f"`{self.loss_fn}` returned a loss without a graph (detached, a Python "
-                "number turned into a tensor, or computed under `torch.no_grad()`), so the "
-                "adversarial pass has nothing to backpropagate. Return the loss as computed "
-                "from the model's output."
+                f"{self.prefix}`{self.loss_fn}` returned a loss without a graph (detached, "
+                "a Python number turned into a tensor, or computed under `torch.no_grad()`), "
+                "so the adversarial pass has nothing to backpropagate. Return the loss as "
+                "computed from the model's output."
             )
         return loss
 
@@ -73,9 +83,10 @@ class Forward:
     def logits(self) -> Tensor:
         _, logits = parse_loss_output(self.output)
         if logits is None:
-            raise _missing("logits, which this method compares", self.loss_fn, self.output,
+            raise _missing("logits, which this method compares", self,
                            "a dict {'loss': loss, 'logits': logits} or an object with "
-                           "`.loss` and `.logits`")
+                           "`.loss` and `.logits` (a Hugging Face model output called with "
+                           "labels has both)")
         return logits
 
 
@@ -97,6 +108,7 @@ class AttackStep:
         epsilon_scale: ``"absolute"`` or ``"relative"``: how budgets are read.
         clean_logits: the clean pass's logits if they were captured, else ``None``.
         generator: the callback's random generator, for random starts and noise.
+        owner: the callback's class name, which starts error messages.
     """
 
     def __init__(
@@ -111,6 +123,7 @@ class AttackStep:
         epsilon_scale: str = "absolute",
         clean_logits: Tensor | None = None,
         generator: torch.Generator | None = None,
+        owner: str = "",
     ) -> None:
         self.space = space
         self.epsilon_scale = epsilon_scale
@@ -120,6 +133,7 @@ class AttackStep:
         self._scale = scale
         self._replay = replay
         self._loss_fn = loss_fn
+        self._owner = owner
         self._clean_logits = clean_logits
         self._reference_norms: Tensor | None = None
         self.dtype = (
@@ -244,7 +258,7 @@ class AttackStep:
             replay = self._replay() if self._replay is not None else nullcontext()
             with torch.no_grad(), replay:
                 output = self._run_loss()
-            self._clean_logits = Forward(output, [], self._loss_fn).logits.detach()
+            self._clean_logits = Forward(output, [], self._loss_fn, self._owner).logits.detach()
             self.recomputed_clean_logits = True
         return self._clean_logits
 
@@ -265,7 +279,7 @@ class AttackStep:
             _, logits = parse_loss_output(output)
             if logits is not None:
                 self.classes = logits.shape[-1]
-            yield Forward(output=output, calls=calls, loss_fn=self._loss_fn)
+            yield Forward(output=output, calls=calls, loss_fn=self._loss_fn, owner=self._owner)
 
     def perturbation_gradient(self, value: Tensor, forward: Forward) -> Tensor:
         """Gradient of ``value`` with respect to the perturbation of ``forward``, in the

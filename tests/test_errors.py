@@ -373,7 +373,8 @@ def _fails_at_first_attack(module: BadLoss, callback: Any, pattern: str) -> None
 @pytest.mark.parametrize("returned", [None, "the loss", "logits_only", "float_loss"], ids=repr)
 def test_loss_fn_returning_no_loss(cls, target, returned):
     kind = {None: "NoneType", "the loss": "str"}.get(returned, "dict")
-    pattern = rf"`bad_loss` returned {kind} without a loss tensor\. Make it return .*'loss'"
+    pattern = (rf"{_name(cls)}: `bad_loss` returned {kind} without a loss tensor\. Make it "
+               r"return .*'loss'.*, or pass `loss_fn=`")
     _fails_at_first_attack(BadLoss(returned), cls(loss_fn="bad_loss", target=target), pattern)
 
 
@@ -381,14 +382,15 @@ def test_loss_fn_returning_no_loss(cls, target, returned):
 def test_loss_fn_returning_one_loss_per_example(cls):
     # A loss per example cannot be backpropagated; the message must say which method
     # returned it and that one scalar is needed, not only what autograd complains about.
-    pattern = r"`bad_loss`.*scalar"
+    pattern = rf"{_name(cls)}: `bad_loss`.*scalar"
     _fails_at_first_attack(BadLoss("per_example"), cls(loss_fn="bad_loss"), pattern)
 
 
 @pytest.mark.parametrize("cls", METHODS, ids=_name)
 @pytest.mark.parametrize("returned", ["detached", "number"])
 def test_loss_fn_returning_a_loss_without_graph(cls, returned):
-    pattern = r"`bad_loss` returned a loss without a graph.*Return the loss as computed"
+    pattern = (rf"{_name(cls)}: `bad_loss` returned a loss without a graph.*Return the loss "
+               r"as computed")
     _fails_at_first_attack(BadLoss(returned), cls(loss_fn="bad_loss"), pattern)
 
 
