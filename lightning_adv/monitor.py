@@ -26,7 +26,7 @@ class CollapseMonitor:
     first attacked step, then every ``log_every_n_steps`` attacked steps), so the attack
     path itself never synchronises.
 
-    Three signs, each from runs that collapsed to one class:
+    Four signs, each from runs that collapsed to one class:
 
     - the largest perturbation of one token (output target) or one row (weight target) is
       larger than the vector it perturbs (``largest_limit``, default 1);
@@ -35,7 +35,10 @@ class CollapseMonitor:
       largest stays small while every touched row moves by half its length; 0.08 for the
       output target, which collapsed a pretrained model at a mean of 0.1);
     - the clean training loss, after having fallen below ``0.85 * ln(classes)``, climbs back
-      to within 5 % of chance level ``ln(classes)`` while the attack is on.
+      to within 5 % of chance level ``ln(classes)`` while the attack is on;
+    - the clean training loss never falls below ``0.85 * ln(classes)`` in ``stuck_after``
+      attacked steps (FreeLB with a ball of 0.1 ended the sentiment example's character
+      model at the majority class while no other sign fired).
 
     Args:
         owner: the callback's class name, for messages.
@@ -44,11 +47,13 @@ class CollapseMonitor:
         relative: whether the callback already sizes relatively (``epsilon_scale``).
         largest_limit: relative size of one token or row above which to warn.
         mean_limit: mean relative size above which to warn.
+        stuck_after: attacked steps after which a clean loss that never left chance level
+            is warned about.
     """
 
     def __init__(self, owner: str, epsilon: float | None, argument: str = "epsilon",
                  relative: bool = False, largest_limit: float = 1.0,
-                 mean_limit: float = WEIGHT_MEAN_LIMIT) -> None:
+                 mean_limit: float = WEIGHT_MEAN_LIMIT, stuck_after: int = 500) -> None:
         self.owner = owner
         self.epsilon = epsilon
         self.argument = argument
@@ -61,10 +66,13 @@ class CollapseMonitor:
         self._largest: Tensor | None = None
         self._clean_loss: Tensor | None = None
         self._learned = False
+        self.stuck_after = stuck_after
+        self.steps = 0
 
     def update(self, largest: Tensor | None, clean_loss: Tensor | None,
                classes: int | None, mean: Tensor | None = None) -> None:
         """Fold in one attacked step; device operations only."""
+        self.steps += 1
         if mean is not None:
             mean = mean.detach().float()
             self._mean = mean if self._mean is None else torch.maximum(self._mean, mean)
@@ -104,6 +112,10 @@ class CollapseMonitor:
             elif self._learned and clean > 0.95 * chance and "chance" not in self.warned:
                 messages.append(self._chance_message(clean, chance))
                 self.warned.add("chance")
+            elif (not self._learned and self.steps >= self.stuck_after
+                    and not self.warned & {"chance", "stuck"}):
+                messages.append(self._stuck_message(clean, chance))
+                self.warned.add("stuck")
 
         for message in messages:
             rank_zero_warn(message, category=UserWarning)
@@ -133,6 +145,15 @@ class CollapseMonitor:
             f"level for {self.classes} classes is {chance:.3f}: the attack is likely "
             f"drowning the input. Lower `{self.argument}` (try a tenth of it)"
             f"{self._relative_hint()}."
+        )
+
+    def _stuck_message(self, clean: float, chance: float) -> str:
+        return (
+            f"{self.owner}: the clean training loss is {clean:.3f} after {self.steps} "
+            f"attacked steps and has never fallen far below chance level for "
+            f"{self.classes} classes ({chance:.3f}): the attack may be keeping the model "
+            f"from learning. Compare with a run without it, and lower `{self.argument}` "
+            f"(try a tenth of it){self._relative_hint()}."
         )
 
     def _relative_hint(self) -> str:

@@ -189,3 +189,25 @@ def test_mean_rule_silent_for_a_healthy_run():
     monitor = CollapseMonitor("FGM", epsilon=0.1)
     monitor.update(torch.tensor(0.45), None, classes=2, mean=torch.tensor(0.02))
     assert monitor.check() == []
+
+
+def test_a_loss_that_never_leaves_chance_is_warned_about_once():
+    monitor = CollapseMonitor("FreeLB", epsilon=0.1, argument="max_norm", relative=True,
+                              stuck_after=50)
+    for _ in range(49):
+        monitor.update(None, torch.tensor(0.69), classes=2)
+    assert monitor.check() == []
+    monitor.update(None, torch.tensor(0.69), classes=2)
+    (message,) = monitor.check()
+    assert "after 50 attacked steps" in message and "`max_norm`" in message
+    monitor.update(None, torch.tensor(0.69), classes=2)
+    assert monitor.check() == []
+
+
+def test_a_loss_that_learned_is_not_stuck():
+    monitor = CollapseMonitor("FGM", epsilon=0.1, stuck_after=5)
+    monitor.update(None, torch.tensor(0.2), classes=2)
+    assert monitor.check() == []
+    for _ in range(10):
+        monitor.update(None, torch.tensor(0.3), classes=2)
+    assert monitor.check() == []
