@@ -296,10 +296,11 @@ def write_report(results: list[MethodResult], facts: dict[str, Any], seeds: list
         f"{facts['lr']:g}. "
         f"Seeds: {', '.join(map(str, seeds))}, the same split for all. Time: the "
         f"{sum(len(r.seconds) for r in results)} runs took "
-        f"{sum(map(sum, (r.seconds for r in results))) / 60:.0f} min together, "
-        f"{_count(jobs, 'run')} at a time, each on {_count(threads, 'CPU thread')} "
-        f"({platform.machine()}); the last invocation took {wall_seconds / 60:.1f} min. Final "
-        "weights are tested; nothing was tuned on the test split.",
+        f"{sum(map(sum, (r.seconds for r in results))) / 60:.0f} min together, each on "
+        f"{_count(threads, 'CPU thread')} ({platform.machine()}); a run that shared the "
+        f"cores with other work took longer. This invocation ran {_count(jobs, 'run')} at "
+        f"a time and took {wall_seconds / 60:.1f} min (runs saved by earlier invocations "
+        "are reused). Final weights are tested; nothing was tuned on the test split.",
         "",
         "| method | callback | test accuracy % (mean) | std | macro-F1 % | Δ vs no attack "
         "(points) | 95 % interval of Δ |",
