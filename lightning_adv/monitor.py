@@ -140,21 +140,22 @@ class CollapseMonitor:
                 f"Lower `{self.argument}`{value}{self._relative_hint()}.")
 
     def _chance_message(self, clean: float, chance: float) -> str:
-        return (
-            f"{self.owner}: the clean training loss has climbed back to {clean:.3f}, chance "
-            f"level for {self.classes} classes is {chance:.3f}: the attack is likely "
-            f"drowning the input. Lower `{self.argument}` (try a tenth of it)"
-            f"{self._relative_hint()}."
-        )
+        return self._loss_message(
+            f"the clean training loss has climbed back to {clean:.3f}, chance level for "
+            f"{self.classes} classes is {chance:.3f}: the attack is likely drowning the input",
+            "Lower")
 
     def _stuck_message(self, clean: float, chance: float) -> str:
-        return (
-            f"{self.owner}: the clean training loss is {clean:.3f} after {self.steps} "
-            f"attacked steps and has never fallen far below chance level for "
-            f"{self.classes} classes ({chance:.3f}): the attack may be keeping the model "
-            f"from learning. Compare with a run without it, and lower `{self.argument}` "
-            f"(try a tenth of it){self._relative_hint()}."
-        )
+        return self._loss_message(
+            f"the clean training loss is {clean:.3f} after {self.steps} attacked steps and "
+            f"has never fallen far below chance level for {self.classes} classes "
+            f"({chance:.3f}): the attack may be keeping the model from learning",
+            "Compare with a run without it, and lower")
+
+    def _loss_message(self, finding: str, lower: str) -> str:
+        """A warning about the clean loss; ``lower`` leads into the advice on the size."""
+        return (f"{self.owner}: {finding}. {lower} `{self.argument}` (try a tenth of it)"
+                f"{self._relative_hint()}.")
 
     def _relative_hint(self) -> str:
         if self.relative:
