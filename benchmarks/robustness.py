@@ -5,9 +5,16 @@ Each method of ``examples/sentiment/configs`` is trained the way
 loaded from checkpoints of earlier runs (``--checkpoints fgm=path.ckpt ...``), and then
 tested with :class:`lightning_adv.RobustAccuracy`: PGD on the embedding output, per-example
 L2 ball. The attack budget of a method is its own training budget where it has one in
-that geometry (FGM, PGD and VAT ``epsilon``, FreeLB ``max_norm``; same number and
-``epsilon_scale``), otherwise the FGM config's; every model is attacked at that budget and
-at twice it, and each method is compared with the no-attack model at the same budgets.
+that geometry (FGM, PGD and VAT ``epsilon``, FreeLB ``max_norm``, SMART ``epsilon`` with
+``norm="l2"``; same number and ``epsilon_scale``), otherwise the FGM config's; every model
+is attacked at that budget and at twice it, the no-attack models at every method's
+budgets, and each method is compared with the no-attack models at its own budgets.
+
+Checkpoints can be attacked by several worker processes (``--jobs 2``), and with
+``--results DIR`` each model's scores are kept as ``DIR/<method>-<run>.json`` and reused:
+a later invocation attacks only the budgets that are missing, so a measurement can be
+made in parts (each part's command listing the checkpoints it attacks) and tabulated by
+a last command that lists them all.
 
 Target of the issue: every attack method at least 10 points of robust accuracy over no
 attack, without losing clean accuracy.
@@ -22,14 +29,17 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib
+import json
 import logging
+import multiprocessing
 import os
 import re
 import statistics
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +56,9 @@ FIGURE = "robustness.png"
 BASELINE = "none"
 #: Where a method's training budget sits, for callbacks that have one in RobustAccuracy's
 #: geometry (L2, per example on the embedding output, or the same number on the rows).
-L2_BUDGET = {"FGM": "epsilon", "PGD": "epsilon", "VAT": "epsilon", "FreeLB": "max_norm"}
+#: A callback with a ``norm`` attribute counts only with ``norm="l2"``.
+L2_BUDGET = {"FGM": "epsilon", "PGD": "epsilon", "VAT": "epsilon", "FreeLB": "max_norm",
+             "SMART": "epsilon"}
 #: ``--quick``: two methods, one seed, a tiny budget; the numbers mean nothing.
 QUICK: dict[str, Any] = {
     "methods": ["none", "fgm"], "seeds": 1, "epochs": 1, "max_examples": 200,
@@ -83,7 +95,8 @@ def training_budget(callbacks: Sequence[Any]) -> Budget | None:
     for callback in callbacks:
         name = type(callback).__name__
         attribute = L2_BUDGET.get(name)
-        if attribute is not None and isinstance(callback, AdversarialCallback):
+        if (attribute is not None and isinstance(callback, AdversarialCallback)
+                and getattr(callback, "norm", "l2") == "l2"):
             return Budget(float(getattr(callback, attribute)), callback.epsilon_scale,
                           f"{name} {attribute}")
     return None
@@ -140,8 +153,8 @@ def checkpoint_budget(path: Path) -> Budget | None:
 
 @dataclass
 class Evaluated:
-    """One trained model's scores: clean test accuracy, and per budget the accuracy under
-    attack and the clean accuracy on the same (attacked) batches."""
+    """One trained model's scores: clean accuracy on the whole split, and per budget the
+    accuracy under attack and the clean accuracy on the same (attacked) batches."""
 
     method: str
     seed: str
@@ -150,11 +163,43 @@ class Evaluated:
     robust: dict[tuple[float, str], float] = field(default_factory=dict)
     robust_clean: dict[tuple[float, str], float] = field(default_factory=dict)
 
+    def merged(self, newer: Evaluated) -> Evaluated:
+        """These scores with ``newer``'s added (``newer`` wins where both have a budget)."""
+        return Evaluated(self.method, self.seed, newer.budget, newer.accuracy,
+                         {**self.robust, **newer.robust},
+                         {**self.robust_clean, **newer.robust_clean})
+
+    def save(self, path: Path, settings: dict[str, Any]) -> None:
+        scores = [[eps, scale, self.robust[eps, scale], self.robust_clean[eps, scale]]
+                  for eps, scale in self.robust]
+        record = {"settings": settings, "method": self.method, "run": self.seed,
+                  "budget": None if self.budget is None else asdict(self.budget),
+                  "accuracy": self.accuracy, "scores": scores}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: Path, settings: dict[str, Any]) -> Evaluated | None:
+        """The scores kept in ``path``, if it exists and was measured with ``settings``."""
+        if not path.is_file():
+            return None
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if record.get("settings") != settings:
+            return None
+        budget = None if record["budget"] is None else Budget(**record["budget"])
+        found = cls(record["method"], record["run"], budget, record["accuracy"])
+        for eps, scale, robust, clean in record["scores"]:
+            found.robust[eps, scale] = robust
+            found.robust_clean[eps, scale] = clean
+        return found
+
 
 def evaluate(model: pl.LightningModule, datamodule: pl.LightningDataModule,
              budgets: Sequence[Budget], steps: int, max_batches: int | None,
-             method: str, seed: str, budget: Budget | None) -> Evaluated:
-    """Test ``model`` once, with one ``RobustAccuracy`` per budget."""
+             method: str, seed: str, budget: Budget | None,
+             split: str = "test") -> Evaluated:
+    """Test (or validate, ``split="val"``) ``model`` once, with one ``RobustAccuracy``
+    per budget."""
     attacks = {
         b.key: RobustAccuracy(epsilon=b.epsilon, epsilon_scale=b.epsilon_scale,  # type: ignore[arg-type]
                               steps=steps, max_batches=max_batches, loss_fn="compute_loss",
@@ -164,12 +209,109 @@ def evaluate(model: pl.LightningModule, datamodule: pl.LightningDataModule,
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, callbacks=list(attacks.values()))
-    metrics = trainer.test(model, datamodule=datamodule, verbose=False)[0]
-    result = Evaluated(method, seed, budget, float(metrics["test/acc"]))
+    run = trainer.test if split == "test" else trainer.validate
+    metrics = run(model, datamodule=datamodule, verbose=False)[0]
+    result = Evaluated(method, seed, budget, float(metrics[f"{split}/acc"]))
     for key, attack in attacks.items():
-        result.robust[key] = float(metrics[f"test_{attack.name}"])
-        result.robust_clean[key] = float(metrics[f"test_{attack.name}_clean"])
+        result.robust[key] = float(metrics[f"{split}_{attack.name}"])
+        result.robust_clean[key] = float(metrics[f"{split}_{attack.name}_clean"])
     return result
+
+
+@dataclass(frozen=True)
+class Target:
+    """A model to attack: a checkpoint, or a model trained in this process."""
+
+    method: str
+    run: str
+    budget: Budget
+    checkpoint: Path | None = None
+    trained: tuple[pl.LightningModule, pl.LightningDataModule] | None = None
+
+
+def attack_checkpoint(target: Target, budgets: Sequence[Budget], steps: int,
+                      max_batches: int | None, split: str,
+                      threads: int | None = None) -> Evaluated:
+    """Load ``target``'s checkpoint and attack it at ``budgets`` (in a worker process
+    with ``threads`` CPU threads, or in this one)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+        _quiet()
+    assert target.checkpoint is not None
+    model, datamodule = load(target.checkpoint)
+    return evaluate(model, datamodule, budgets, steps, max_batches, target.method,
+                    target.run, target.budget, split)
+
+
+def attack_all(targets: Sequence[Target], needed: dict[Target, list[Budget]], steps: int,
+               max_batches: int | None, split: str, jobs: int = 1,
+               results: Path | None = None) -> list[Evaluated]:
+    """Every target's scores at its ``needed`` budgets, in ``targets``' order.
+
+    With ``results``, checkpoints' scores are kept there and reused when they were
+    measured with the same split, steps, batches and checkpoint file: only missing
+    budgets are attacked. With ``jobs > 1`` checkpoints are attacked by that many worker
+    processes of one CPU thread each, those with the most budgets first.
+    """
+    done: dict[Target, Evaluated] = {}
+    todo: dict[Target, list[Budget]] = {}
+    for target in targets:
+        found = None
+        if results is not None and target.checkpoint is not None:
+            found = Evaluated.load(_result_file(results, target),
+                                   _settings(target, steps, max_batches, split))
+        if found is not None:
+            done[target] = found
+        missing = [b for b in needed[target] if found is None or b.key not in found.robust]
+        if missing:
+            todo[target] = missing
+    if results is not None:
+        print(f"{len(targets) - len(todo)} model(s) found complete in {results}, "
+              f"{len(todo)} to attack.", flush=True)
+
+    def report(target: Target, scores: Evaluated) -> None:
+        done[target] = done[target].merged(scores) if target in done else scores
+        if results is not None and target.checkpoint is not None:
+            done[target].save(_result_file(results, target),
+                              _settings(target, steps, max_batches, split))
+        print(f"attacked {target.method} ({target.run}) at {len(todo[target])} budget(s)",
+              flush=True)
+
+    parallel = [t for t in todo if t.checkpoint is not None] if jobs > 1 else []
+    if len(parallel) > 1:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+            futures = {pool.submit(attack_checkpoint, t, todo[t], steps, max_batches, split,
+                                   1): t
+                       for t in sorted(parallel, key=lambda t: -len(todo[t]))}
+            for future in as_completed(futures):
+                report(futures[future], future.result())
+    else:
+        parallel = []
+    for target in todo:
+        if target in parallel:
+            continue
+        if target.trained is not None:
+            model, datamodule = target.trained
+            report(target, evaluate(model, datamodule, todo[target], steps, max_batches,
+                                    target.method, target.run, target.budget, split))
+        else:
+            report(target, attack_checkpoint(target, todo[target], steps, max_batches, split))
+    return [done[target] for target in targets]
+
+
+def _result_file(folder: Path, target: Target) -> Path:
+    return folder / f"{target.method}-{target.run}.json"
+
+
+def _settings(target: Target, steps: int, max_batches: int | None,
+              split: str) -> dict[str, Any]:
+    """What a kept score depends on, besides its budget."""
+    assert target.checkpoint is not None
+    stat = target.checkpoint.stat()
+    return {"split": split, "steps": steps, "max_batches": max_batches,
+            "checkpoint": target.checkpoint.name, "checkpoint_bytes": stat.st_size,
+            "checkpoint_mtime_ns": stat.st_mtime_ns}
 
 
 def train(config: Path, seed: int, overrides: list[str],
@@ -201,6 +343,7 @@ class Row:
     runs: int
     budget: Budget
     accuracy: list[float]
+    attacked_clean: list[float]
     robust: list[float]
     robust_double: list[float]
     baseline_accuracy: float | None = None
@@ -226,6 +369,7 @@ def tabulate(results: list[Evaluated], reference: Budget) -> list[Row]:
         budget = runs[0].budget or reference
         double = budget.doubled()
         row = Row(method, len(runs), budget, [r.accuracy for r in runs],
+                  [r.robust_clean[budget.key] for r in runs],
                   [r.robust[budget.key] for r in runs],
                   [r.robust[double.key] for r in runs])
         if baseline:
@@ -255,29 +399,33 @@ def markdown(rows: list[Row], settings: dict[str, Any]) -> str:
     if settings["quick"]:
         lines += ["**Smoke run (`--quick`): too small to mean anything.**", ""]
     lines += [
-        f"Test accuracy of the sentiment example's methods ({settings['source']}), and "
+        f"Accuracy of the sentiment example's methods on the {settings['split']} split "
+        f"({settings['source']}), and "
         f"accuracy under `RobustAccuracy`'s attack: {settings['steps']}-step PGD in a "
         f"per-example L2 ball on the embedding output, random start, eval mode, "
         f"{settings['batches']}. An example counts as robust when it is classified "
-        f"correctly both clean and under attack. The budget ε of a method is its training "
-        f"budget where it has one in this geometry (FGM, PGD, VAT `epsilon`, FreeLB "
-        f"`max_norm`), else the FGM config's ({settings['reference']}); Δ compares with the "
-        f"no-attack model attacked at the same budget. Means ± standard deviation over "
-        f"{settings['seeds']}; target: robust accuracy at ε at least +10 points over no "
-        f"attack, clean accuracy not lower.",
+        f"correctly both clean and under attack, so robust accuracy is compared with the "
+        f"clean accuracy of the attacked examples, shown next to it (the clean column is "
+        f"the whole split). The budget ε of a method is its training budget where it has "
+        f"one in this geometry (FGM, PGD, VAT `epsilon`, FreeLB `max_norm`, SMART "
+        f"`epsilon` with `norm='l2'`), else the FGM config's ({settings['reference']}); Δ "
+        f"compares with the no-attack model attacked at the same budget. Means ± standard "
+        f"deviation over {settings['seeds']}; target: robust accuracy at ε at least +10 "
+        f"points over no attack, clean accuracy not lower.",
         "",
         f"Machine: {settings['machine']}. {settings['load']} Wall time "
         f"{settings['wall'] / 60:.1f} min.",
         "",
-        "| method | runs | ε | clean accuracy % | robust % at ε | Δ robust at ε | robust % at 2ε "
-        "| Δ robust at 2ε | Δ clean | target met |",
-        "|---|---:|---|---|---|---:|---|---:|---:|---|",
+        "| method | runs | ε | clean accuracy % | clean % of attacked | robust % at ε "
+        "| Δ robust at ε | robust % at 2ε | Δ robust at 2ε | Δ clean | target met |",
+        "|---|---:|---|---|---|---|---:|---|---:|---:|---|",
     ]
     for row in rows:
         met = "" if row.met is None else ("yes" if row.met else "**no**")
         lines.append(
             f"| {row.method} | {row.runs} | {row.budget.describe()} | {_percent(row.accuracy)} "
-            f"| {_percent(row.robust)} | {_delta(row.robust, row.baseline_robust)} "
+            f"| {_percent(row.attacked_clean)} | {_percent(row.robust)} "
+            f"| {_delta(row.robust, row.baseline_robust)} "
             f"| {_percent(row.robust_double)} "
             f"| {_delta(row.robust_double, row.baseline_robust_double)} "
             f"| {_delta(row.accuracy, row.baseline_accuracy)} | {met} |"
@@ -311,7 +459,7 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
     low, high = ax.get_xlim()
     ax.plot([low, high], [low, high], linestyle=":", color="grey", linewidth=0.8,
             label="robust = clean")
-    ax.set_xlabel("clean test accuracy %")
+    ax.set_xlabel("clean accuracy %")
     ax.set_ylabel("robust accuracy % (filled: ε, open: 2ε)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
@@ -345,6 +493,12 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     parser.add_argument("--steps", type=int, default=None, help="attack steps (default 10)")
     parser.add_argument("--max-batches", type=int, default=None,
                         help="test batches attacked per model (default: all)")
+    parser.add_argument("--split", choices=["test", "val"], default="test",
+                        help="split to measure on (default test; val to choose configs)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="worker processes attacking checkpoints, one CPU thread each")
+    parser.add_argument("--results", type=Path, default=None, metavar="DIR",
+                        help="keep each checkpoint's scores in DIR and reuse the ones there")
     parser.add_argument("--out", type=Path, default=Path("docs"),
                         help="folder of benchmarks.md and img/ (default: docs)")
     parser.add_argument("--quick", action="store_true",
@@ -369,6 +523,21 @@ def _overrides(args: argparse.Namespace, extra: list[str]) -> list[str]:
     return overrides
 
 
+def needed_budgets(targets: Sequence[Target]) -> dict[Target, list[Budget]]:
+    """The budgets each model is attacked at: its method's budget and twice it; for the
+    no-attack models, those of every method."""
+    own = {target.method: target.budget for target in targets}
+    every = list({b.key: b for base in own.values() for b in (base, base.doubled())}.values())
+    return {target: every if target.method == BASELINE else
+            [target.budget, target.budget.doubled()] for target in targets}
+
+
+def _quiet() -> None:
+    for name in ("lightning.pytorch", "lightning.fabric", "examples.sentiment"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+
+
 def _all_methods(config_dir: Path) -> list[str]:
     names = sorted(path.stem for path in config_dir.glob("*.yaml"))
     return [BASELINE, *(n for n in names if n != BASELINE)] if BASELINE in names else names
@@ -382,24 +551,22 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     quick: dict[str, Any] = QUICK if args.quick else {}
     steps = args.steps or quick.get("steps") or 10
     max_batches = args.max_batches or quick.get("max_batches")
-    for name in ("lightning.pytorch", "lightning.fabric", "examples.sentiment"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+    _quiet()
     load_before, started = os.getloadavg(), time.perf_counter()
     reference = reference_budget(CONFIG_DIR)
     fixed = None if args.epsilon is None else Budget(args.epsilon, args.epsilon_scale,
                                                      "--epsilon")
 
-    models: list[tuple[str, str, pl.LightningModule, pl.LightningDataModule, Budget | None]]
-    models = []
+    targets: list[Target] = []
     if args.checkpoints:
         for item in args.checkpoints:
             method, _, path = item.partition("=")
-            if not path:
-                raise SystemExit(f"--checkpoints takes METHOD=PATH, got {item!r}.")
-            model, datamodule = load(Path(path))
-            models.append((method, Path(path).stem, model, datamodule,
-                           checkpoint_budget(Path(path))))
+            if not path or not Path(path).is_file():
+                raise SystemExit(f"--checkpoints takes METHOD=PATH of an existing checkpoint "
+                                 f"file, got {item!r}.")
+            budget = checkpoint_budget(Path(path))
+            targets.append(Target(method, Path(path).stem, fixed or budget or reference,
+                                  checkpoint=Path(path)))
         source = "checkpoints of earlier runs"
     else:
         methods = args.methods or quick.get("methods") or _all_methods(CONFIG_DIR)
@@ -410,27 +577,25 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
                 print(f"training {method}, seed {seed} ...", flush=True)
                 model, datamodule, budget = train(CONFIG_DIR / f"{method}.yaml", seed,
                                                   overrides, args.save_checkpoints)
-                models.append((method, str(seed), model, datamodule, budget))
+                targets.append(Target(method, str(seed), fixed or budget or reference,
+                                      trained=(model, datamodule)))
         source = "trained here as `examples/sentiment/compare.py` trains them"
         if overrides:
             source += f", with `{' '.join(overrides)}`"
 
-    own = {key: fixed or budget or reference for key, _, _, _, budget in models}
-    budgets = {b.key: b for base in own.values() for b in (base, base.doubled())}
-    results = []
-    for method, run, model, datamodule, _ in models:
-        print(f"attacking {method} ({run}) ...", flush=True)
-        results.append(evaluate(model, datamodule, list(budgets.values()), steps,
-                                max_batches, method, run, own[method]))
+    results = attack_all(targets, needed_budgets(targets), steps, max_batches, args.split,
+                         jobs=args.jobs, results=args.results)
     rows = tabulate(results, fixed or reference)
 
+    split_name = "test" if args.split == "test" else "validation"
     unchanged = all(
         r.robust[key] == r.robust_clean[key] for r in results for key in r.robust if key[0] > 0
     )
     settings = {
         "quick": args.quick, "source": source, "steps": steps,
-        "batches": "every test batch" if max_batches is None else
-        f"the first {max_batches} test batch(es) per model",
+        "batches": f"every {split_name} batch" if max_batches is None else
+        f"the first {max_batches} {split_name} batch(es) per model",
+        "split": split_name,
         "reference": reference.describe(),
         "seeds": _runs_per_method(results),
         "machine": machine_summary(), "load": load_note(load_before, os.getloadavg()),
@@ -438,7 +603,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     }
     text = markdown(rows, settings)
     write_section(args.out / "benchmarks.md", SECTION, text)
-    plot(rows, args.out / "img" / FIGURE, "Clean and robust test accuracy per method"
+    plot(rows, args.out / "img" / FIGURE, f"Clean and robust {split_name} accuracy per method"
          + (" (smoke run)" if args.quick else ""))
     print(text)
     return rows

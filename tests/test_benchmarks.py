@@ -167,3 +167,36 @@ def test_write_section_replaces_only_its_own(tmp_path: Path) -> None:
     assert "first beta" in text and "A note someone added." in text
     assert text.count("<!-- alpha:start -->") == 1
     assert text.index("alpha:end") < text.index("beta:start")
+
+
+def test_robustness_scores_are_kept_and_reused_only_with_the_same_settings(
+        tmp_path: Path) -> None:
+    from benchmarks.robustness import Budget, Evaluated
+
+    budget = Budget(0.02, "relative", "FGM epsilon")
+    scores = Evaluated("fgm", "fgm-seed1", budget, 0.81, {budget.key: 0.75},
+                       {budget.key: 0.8})
+    settings = {"split": "val", "steps": 10, "max_batches": 8, "checkpoint": "a.ckpt"}
+    path = tmp_path / "fgm-fgm-seed1.json"
+    scores.save(path, settings)
+
+    assert Evaluated.load(path, settings) == scores
+    assert Evaluated.load(path, {**settings, "steps": 5}) is None
+    assert Evaluated.load(tmp_path / "missing.json", settings) is None
+    doubled = budget.doubled()
+    more = Evaluated("fgm", "fgm-seed1", budget, 0.81, {doubled.key: 0.6}, {doubled.key: 0.8})
+    assert scores.merged(more).robust == {budget.key: 0.75, doubled.key: 0.6}
+
+
+def test_robustness_attacks_the_baseline_at_every_methods_budgets() -> None:
+    from benchmarks.robustness import Budget, Target, needed_budgets
+
+    small, large = Budget(0.02, "relative", "a"), Budget(0.1, "absolute", "b")
+    targets = [Target("none", "1", small), Target("fgm", "1", small),
+               Target("pgd", "1", large)]
+    needed = needed_budgets(targets)
+
+    keys = {t.method: {b.key for b in needed[t]} for t in targets}
+    assert keys["fgm"] == {small.key, small.doubled().key}
+    assert keys["pgd"] == {large.key, large.doubled().key}
+    assert keys["none"] == keys["fgm"] | keys["pgd"]
