@@ -7,6 +7,7 @@ import random
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -225,3 +226,15 @@ def test_paired_bootstrap_interval() -> None:
     assert 0 < low < diff < high
     same = compare.paired_bootstrap(baseline, baseline, samples=100)
     assert same == (0.0, 0.0, 0.0)
+
+
+def test_a_saved_outcome_is_not_reused_once_its_config_changed(tmp_path: Path) -> None:
+    outcome = compare.RunOutcome("fgm", 1, 0.8, 0.79, np.array([True, False]), 1.0,
+                                 "FGM(epsilon=0.02)", {})
+    path = tmp_path / "fgm-seed1.json"
+    outcome.save(path, ["--trainer.max_epochs", "1"], "epsilon: 0.02\n")
+
+    found = compare.RunOutcome.load(path, ["--trainer.max_epochs", "1"], "epsilon: 0.02\n")
+    assert found is not None and found.accuracy == 0.8
+    assert compare.RunOutcome.load(path, ["--trainer.max_epochs", "1"], "epsilon: 0.05\n") is None
+    assert compare.RunOutcome.load(path, [], "epsilon: 0.02\n") is None

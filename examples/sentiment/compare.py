@@ -127,19 +127,20 @@ class RunOutcome:
     #: split (absent from outcomes saved before it was recorded).
     val_accuracy: float | None = None
 
-    def save(self, path: Path, overrides: list[str]) -> None:
+    def save(self, path: Path, overrides: list[str], config: str) -> None:
         record = {**vars(self), "correct": self.correct.astype(int).tolist(),
-                  "overrides": overrides}
+                  "overrides": overrides, "config": config}
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record), encoding="utf-8")
 
     @classmethod
-    def load(cls, path: Path, overrides: list[str]) -> RunOutcome | None:
-        """The outcome saved at ``path``, if it ran with the same ``overrides``."""
+    def load(cls, path: Path, overrides: list[str], config: str) -> RunOutcome | None:
+        """The outcome saved at ``path``, if it ran with the same ``overrides`` and the
+        same config file text ``config``."""
         if not path.is_file():
             return None
         record = json.loads(path.read_text(encoding="utf-8"))
-        if record.pop("overrides") != overrides:
+        if record.pop("overrides") != overrides or record.pop("config", None) != config:
             return None
         record["correct"] = np.array(record["correct"], dtype=bool)
         return cls(**record)
@@ -198,14 +199,17 @@ def run_comparison(methods: list[str], seeds: list[int], overrides: list[str],
     With ``jobs > 1`` the runs go to that many worker processes of one CPU thread each;
     every run is seeded, so the results do not depend on ``jobs``. With ``saved``, each
     run's outcome is kept there as ``<method>-seed<seed>.json``, and a run whose outcome is
-    already there (with the same overrides) is not trained again: an interrupted
-    comparison resumes, and methods can be added to a finished one.
+    already there (with the same overrides and config file text) is not trained again: an
+    interrupted comparison resumes, and methods can be added to a finished one.
     """
     tasks = [(name, seed) for seed in seeds for name in methods]
+    configs = {name: (config_dir / f"{name}.yaml").read_text(encoding="utf-8")
+               for name in methods}
     outcomes: dict[tuple[str, int], RunOutcome] = {}
     if saved is not None:
         for name, seed in tasks:
-            found = RunOutcome.load(saved / f"{name}-seed{seed}.json", overrides)
+            found = RunOutcome.load(saved / f"{name}-seed{seed}.json", overrides,
+                                    configs[name])
             if found is not None:
                 outcomes[name, seed] = found
         tasks = [task for task in tasks if task not in outcomes]
@@ -214,7 +218,8 @@ def run_comparison(methods: list[str], seeds: list[int], overrides: list[str],
     def report(outcome: RunOutcome) -> None:
         outcomes[outcome.name, outcome.seed] = outcome
         if saved is not None:
-            outcome.save(saved / f"{outcome.name}-seed{outcome.seed}.json", overrides)
+            outcome.save(saved / f"{outcome.name}-seed{outcome.seed}.json", overrides,
+                         configs[outcome.name])
         # The data summary is the same for every run: print it once.
         logging.getLogger("examples.sentiment").setLevel(logging.WARNING)
         val = "" if outcome.val_accuracy is None else (
