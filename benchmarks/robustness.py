@@ -6,7 +6,8 @@ loaded from checkpoints of earlier runs (``--checkpoints fgm=path.ckpt ...``), a
 tested with :class:`lightning_adv.RobustAccuracy`: PGD on the embedding output, per-example
 L2 ball. The attack budget of a method is its own training budget where it has one in
 that geometry (FGM, PGD and VAT ``epsilon``, FreeLB ``max_norm``, SMART ``epsilon`` with
-``norm="l2"``; same number and ``epsilon_scale``), otherwise the FGM config's; every model
+``norm="l2"``, FGSM and R3F ``epsilon`` with ``epsilon_scale="relative"``; same number
+and ``epsilon_scale``), otherwise the FGM config's; every model
 is attacked at that budget and at twice it, the no-attack models at every method's
 budgets, and each method is compared with the no-attack models at its own budgets.
 
@@ -59,6 +60,11 @@ BASELINE = "none"
 #: A callback with a ``norm`` attribute counts only with ``norm="l2"``.
 L2_BUDGET = {"FGM": "epsilon", "PGD": "epsilon", "VAT": "epsilon", "FreeLB": "max_norm",
              "SMART": "epsilon"}
+#: Sizes that are an L2 size relative to what is perturbed only with
+#: ``epsilon_scale="relative"``: an FGSM sign step of relative ``epsilon`` has exactly
+#: ``epsilon`` times each row's norm, and R3F's normal noise has it in expectation.
+RELATIVE_L2_BUDGET = {"FGSM": "epsilon", "R3F": "epsilon"}
+KNOWN = {*L2_BUDGET, *RELATIVE_L2_BUDGET}
 #: ``--quick``: two methods, one seed, a tiny budget; the numbers mean nothing.
 QUICK: dict[str, Any] = {
     "methods": ["none", "fgm"], "seeds": 1, "epochs": 1, "max_examples": 200,
@@ -93,10 +99,14 @@ class Budget:
 def training_budget(callbacks: Sequence[Any]) -> Budget | None:
     """The L2 budget of the first adversarial callback that has one, else ``None``."""
     for callback in callbacks:
+        if not isinstance(callback, AdversarialCallback):
+            continue
         name = type(callback).__name__
         attribute = L2_BUDGET.get(name)
-        if (attribute is not None and isinstance(callback, AdversarialCallback)
-                and getattr(callback, "norm", "l2") == "l2"):
+        normal = getattr(callback, "noise", "normal") == "normal"
+        if callback.epsilon_scale == "relative" and normal:
+            attribute = attribute or RELATIVE_L2_BUDGET.get(name)
+        if attribute is not None and getattr(callback, "norm", "l2") == "l2":
             return Budget(float(getattr(callback, attribute)), callback.epsilon_scale,
                           f"{name} {attribute}")
     return None
@@ -114,7 +124,7 @@ def config_callbacks(config: dict[str, Any]) -> list[Any]:
     found = []
     for entry in entries if isinstance(entries, list) else [entries]:
         class_path = entry.get("class_path", "") if isinstance(entry, dict) else ""
-        if class_path.rpartition(".")[2] in L2_BUDGET or class_path.startswith("lightning_adv"):
+        if class_path.startswith("lightning_adv") or class_path in KNOWN:
             found.append(_callback_from_config(class_path, entry.get("init_args") or {}))
     return found
 
@@ -145,7 +155,7 @@ def checkpoint_budget(path: Path) -> Budget | None:
     state = torch.load(path, map_location="cpu", weights_only=False)
     for key in state.get("callbacks", {}):
         match = re.fullmatch(r"(\w+)(\{.*\})", str(key))
-        if match and match.group(1) in L2_BUDGET:
+        if match and match.group(1) in KNOWN:
             fields = ast.literal_eval(match.group(2))
             return training_budget([_callback_from_config(match.group(1), fields)])
     return None
@@ -408,7 +418,8 @@ def markdown(rows: list[Row], settings: dict[str, Any]) -> str:
         f"clean accuracy of the attacked examples, shown next to it (the clean column is "
         f"the whole split). The budget ε of a method is its training budget where it has "
         f"one in this geometry (FGM, PGD, VAT `epsilon`, FreeLB `max_norm`, SMART "
-        f"`epsilon` with `norm='l2'`), else the FGM config's ({settings['reference']}); Δ "
+        f"`epsilon` with `norm='l2'`, FGSM and R3F `epsilon` with a relative scale), else "
+        f"the FGM config's ({settings['reference']}); Δ "
         f"compares with the no-attack model attacked at the same budget. Means ± standard "
         f"deviation over {settings['seeds']}; target: robust accuracy at ε at least +10 "
         f"points over no attack, clean accuracy not lower.",

@@ -200,3 +200,21 @@ def test_robustness_attacks_the_baseline_at_every_methods_budgets() -> None:
     assert keys["fgm"] == {small.key, small.doubled().key}
     assert keys["pgd"] == {large.key, large.doubled().key}
     assert keys["none"] == keys["fgm"] | keys["pgd"]
+
+
+def test_robustness_reads_a_training_budget_only_where_it_is_an_l2_size() -> None:
+    from benchmarks.robustness import training_budget
+    from lightning_adv import AWP, FGSM, R3F, SMART, FreeLB
+
+    def budget(callback: object) -> tuple[float, str] | None:
+        found = training_budget([callback])
+        return None if found is None else found.key
+
+    assert budget(FreeLB(max_norm=0.05, epsilon_scale="relative")) == (0.05, "relative")
+    assert budget(SMART(epsilon=0.05, norm="l2")) == (0.05, "absolute")
+    assert budget(SMART(epsilon=0.05)) is None  # an L-infinity ball
+    assert budget(FGSM(epsilon=0.05, epsilon_scale="relative")) == (0.05, "relative")
+    assert budget(FGSM(epsilon=0.001)) is None  # per entry: sqrt(hidden) times that per row
+    assert budget(R3F(epsilon=0.05, epsilon_scale="relative")) == (0.05, "relative")
+    assert budget(R3F(epsilon=0.05, epsilon_scale="relative", noise="uniform")) is None
+    assert budget(AWP()) is None
