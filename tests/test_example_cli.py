@@ -201,6 +201,9 @@ def test_compare_resumes_from_saved_outcomes(reviews: Path, tmp_path: Path,
     assert (tmp_path / "saved" / "none-seed1.json").is_file()
     assert (tmp_path / "ckpt" / "none-seed1.ckpt").is_file()
     first = (tmp_path / "docs" / "sentiment_comparison.md").read_text(encoding="utf-8")
+    notes = f"{compare.NOTES_MARKER}\n\n## How the configs came to be\n"
+    (tmp_path / "docs" / "sentiment_comparison.md").write_text(first + "\n" + notes,
+                                                               encoding="utf-8")
     capsys.readouterr()
 
     table, _ = compare.main([*common, "--methods", "none", "fgm"])
@@ -209,6 +212,7 @@ def test_compare_resumes_from_saved_outcomes(reviews: Path, tmp_path: Path,
     row = next(line for line in first.splitlines() if line.startswith("| none | no attack"))
     assert row in text  # the saved run is reused as it was
     assert "| fgm | FGM(" in text
+    assert text.endswith(notes) and text.count(compare.NOTES_MARKER) == 1
 
     # Other overrides make other runs: nothing is reused.
     compare.main([*common, "--methods", "none", "--data.max_length=40"])

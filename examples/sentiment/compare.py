@@ -277,6 +277,10 @@ def _facts(cli: Any) -> dict[str, Any]:
     }
 
 
+#: Everything from this line on in the table's file is kept when the table is rewritten.
+NOTES_MARKER = "<!-- notes below are kept when the table is rewritten -->"
+
+
 def write_report(results: list[MethodResult], facts: dict[str, Any], seeds: list[int],
                  wall_seconds: float, out_dir: Path, quick: bool, threads: int = 1,
                  jobs: int = 1) -> tuple[Path, Path]:
@@ -339,7 +343,12 @@ def write_report(results: list[MethodResult], facts: dict[str, Any], seeds: list
     for result in results:
         cells = " | ".join(f"{100 * a:.2f}" for a in result.accuracy)
         lines.append(f"| {result.name} | {cells} | {np.mean(result.seconds):.0f} |")
-    table_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    kept = ""
+    if table_path.is_file():  # notes written by hand below the marker stay
+        _, marker, kept = table_path.read_text(encoding="utf-8").partition(NOTES_MARKER)
+        kept = marker + kept
+    table_path.write_text("\n".join(lines) + "\n" + ("\n" + kept if kept else ""),
+                          encoding="utf-8")
 
     _chart(results, chart_path, quick)
     return table_path, chart_path
