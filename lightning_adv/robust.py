@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -50,7 +50,9 @@ class RobustAccuracy(Callback):
     or ``test``.
 
     Gradients are taken with respect to the perturbation only: no parameter's ``.grad``
-    changes and nothing is left perturbed.
+    changes and nothing is left perturbed. Lightning's sanity check is not attacked; its
+    first batch is read once, so that missing labels or a loss method without logits
+    fail before training starts.
 
     Args:
         epsilon: radius of the ball, per example (a fraction of each example's embedding
@@ -172,6 +174,8 @@ class RobustAccuracy(Callback):
                                 dataloader_idx: int = 0) -> None:
         if not trainer.sanity_checking:
             self._attack_batch(trainer, pl_module, batch, batch_idx, "val")
+        elif batch_idx == 0:
+            self._check_batch(trainer, pl_module, batch, batch_idx)
 
     def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                           outputs: Any, batch: Any, batch_idx: int,
@@ -207,16 +211,37 @@ class RobustAccuracy(Callback):
         self._metrics[stage].update(robust)
         self._metrics[f"{stage}_clean"].update(clean)
 
-    def _attack(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                batch_idx: int) -> tuple[Tensor, Tensor]:
-        assert self._tap is not None
+    def _check_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                     batch_idx: int) -> None:
+        """During the sanity check, find a batch without labels or a loss method without
+        logits before training starts, rather than at the first validation."""
         labels = self._labels(batch)
+        with torch.no_grad():
+            logits = Forward(self._loss_runner(trainer, pl_module, batch, batch_idx)(), [],
+                             self.loss_fn, "RobustAccuracy").logits
+        if labels.shape != logits.shape[:-1] or labels.is_floating_point():
+            raise RuntimeError(
+                f"RobustAccuracy: `{self.loss_fn}` returned logits of shape "
+                f"{tuple(logits.shape)}, so the labels must be {tuple(logits.shape[:-1])} "
+                f"class ids, but `batch[{self.label_key!r}]` is {labels.dtype} of shape "
+                f"{tuple(labels.shape)}. Pass `label_key=` naming the class ids."
+            )
 
+    def _loss_runner(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                     batch_idx: int) -> Callable[[], Any]:
         def run_loss() -> Any:
             with trainer.precision_plugin.val_step_context(), _lightning.suppressed_logging(
                 pl_module
             ):
                 return getattr(pl_module, self.loss_fn)(*(batch, batch_idx)[:self._loss_arity])
+
+        return run_loss
+
+    def _attack(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                batch_idx: int) -> tuple[Tensor, Tensor]:
+        assert self._tap is not None
+        labels = self._labels(batch)
+        run_loss = self._loss_runner(trainer, pl_module, batch, batch_idx)
 
         with torch.no_grad(), self._tap.pass_with(None, without_grad=True) as calls:
             clean_logits = Forward(run_loss(), [], self.loss_fn, "RobustAccuracy").logits

@@ -375,10 +375,11 @@ def test_max_batches_limits_the_attacked_batches(module: Evaluated,
     run.fit(module, loader(batches), loader(batches))
 
     # Per attacked batch: one clean forward, `steps` ascent forwards, one final forward.
-    # The sanity check is not attacked; the count restarts every epoch.
+    # The sanity check is not attacked, only its first batch checked with one forward; the
+    # count restarts every epoch.
     per_epoch = list(range(attacked))
     expected = [i for i in per_epoch for _ in range(steps + 2)]
-    assert module.loss_calls == expected * 2
+    assert module.loss_calls == [0] + expected * 2
 
 
 def test_max_batches_applies_to_test_too(module: Evaluated) -> None:
@@ -480,6 +481,27 @@ def test_missing_loss_method_is_named(module: Evaluated) -> None:
 def test_missing_label_key_is_named(module: Evaluated) -> None:
     with pytest.raises(RuntimeError, match=r"label_key='target'.*'input_ids'"):
         validate(module, [RobustAccuracy(label_key="target")], eval_batches())
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"label_key": "target"}, r"label_key='target'"),
+    ({"loss_fn": "loss_only"}, r"returned Tensor without logits"),
+    ({"label_key": "input_ids"}, r"must be \(16,\) class ids, .*'input_ids'.* of shape "
+                                 r"\(16, \d+\)"),
+])
+def test_a_wrong_batch_or_loss_method_fails_in_the_sanity_check(
+        module: Evaluated, kwargs: dict[str, Any], message: str) -> None:
+    steps: list[int] = []
+
+    class Steps(pl.Callback):
+        def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+            steps.append(trainer.global_step)
+
+    batches = eval_batches()
+    with pytest.raises(RuntimeError, match=message):
+        trainer([RobustAccuracy(**kwargs), Steps()], max_epochs=1).fit(
+            module, loader(batches), loader(batches))
+    assert steps == []  # before the first training step
 
 
 def test_loss_method_without_logits_is_explained(module: Evaluated) -> None:
