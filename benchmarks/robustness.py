@@ -12,7 +12,7 @@ is attacked at that budget and at twice it, the no-attack models at every method
 budgets, and each method is compared with the no-attack models at its own budgets.
 
 Checkpoints can be attacked by several worker processes (``--jobs 2``), and with
-``--results DIR`` each model's scores are kept as ``DIR/<method>-<run>.json`` and reused:
+``--results DIR`` each checkpoint's scores are kept in ``DIR`` and reused:
 a later invocation attacks only the budgets that are missing, so a measurement can be
 made in parts (each part's command listing the checkpoints it attacks) and tabulated by
 a last command that lists them all.
@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import argparse
 import ast
+import hashlib
 import importlib
 import json
 import logging
+import math
 import multiprocessing
 import os
 import re
@@ -311,7 +313,11 @@ def attack_all(targets: Sequence[Target], needed: dict[Target, list[Budget]], st
 
 
 def _result_file(folder: Path, target: Target) -> Path:
-    return folder / f"{target.method}-{target.run}.json"
+    """``<method>-<run>-<hash of the checkpoint's path>.json``: checkpoints of the same name
+    in different folders keep their own scores."""
+    assert target.checkpoint is not None
+    where = hashlib.sha1(str(target.checkpoint.resolve()).encode()).hexdigest()[:8]
+    return folder / f"{target.method}-{target.run}-{where}.json"
 
 
 def _settings(target: Target, steps: int, max_batches: int | None,
@@ -484,29 +490,32 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(
         description=(__doc__ or "").split("\n\n")[0],
-        epilog="Other arguments, e.g. --data.path=reviews.csv, are passed to every run.",
+        epilog="Other arguments, e.g. --data.path=reviews.csv, are passed to every training "
+               "run (not with --checkpoints).",
     )
     parser.add_argument("--methods", nargs="+", default=None,
                         help="config names in examples/sentiment/configs (default: all)")
-    parser.add_argument("--seeds", type=int, default=None,
+    parser.add_argument("--seeds", type=_positive, default=None,
                         help="training seeds 1..n per method (default 3; quick 1)")
-    parser.add_argument("--epochs", type=int, default=None, help="override trainer.max_epochs")
-    parser.add_argument("--max-examples", type=int, default=None, help="cap on examples")
-    parser.add_argument("--max-length", type=int, default=None, help="override data.max_length")
+    parser.add_argument("--epochs", type=_positive, default=None,
+                        help="override trainer.max_epochs")
+    parser.add_argument("--max-examples", type=_positive, default=None, help="cap on examples")
+    parser.add_argument("--max-length", type=_positive, default=None,
+                        help="override data.max_length")
     parser.add_argument("--checkpoints", nargs="+", default=None, metavar="METHOD=PATH",
                         help="evaluate these checkpoints instead of training")
     parser.add_argument("--save-checkpoints", type=Path, default=None,
                         help="keep a checkpoint of every run trained here, in this folder")
-    parser.add_argument("--epsilon", type=float, default=None,
+    parser.add_argument("--epsilon", type=_non_negative, default=None,
                         help="one attack budget for every method instead of their own")
     parser.add_argument("--epsilon-scale", choices=["absolute", "relative"],
                         default="absolute", help="how --epsilon is read")
-    parser.add_argument("--steps", type=int, default=None, help="attack steps (default 10)")
-    parser.add_argument("--max-batches", type=int, default=None,
+    parser.add_argument("--steps", type=_positive, default=None, help="attack steps (default 10)")
+    parser.add_argument("--max-batches", type=_positive, default=None,
                         help="test batches attacked per model (default: all)")
     parser.add_argument("--split", choices=["test", "val"], default="test",
                         help="split to measure on (default test; val to choose configs)")
-    parser.add_argument("--jobs", type=int, default=1,
+    parser.add_argument("--jobs", type=_positive, default=1,
                         help="worker processes attacking checkpoints, one CPU thread each")
     parser.add_argument("--results", type=Path, default=None, metavar="DIR",
                         help="keep each checkpoint's scores in DIR and reuse the ones there")
@@ -514,7 +523,43 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
                         help="folder of benchmarks.md and img/ (default: docs)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: two methods, one seed, a tiny model and data set")
-    return parser.parse_known_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if args.checkpoints:
+        training = [flag for flag, value in (
+            ("--methods", args.methods), ("--seeds", args.seeds), ("--epochs", args.epochs),
+            ("--max-examples", args.max_examples), ("--max-length", args.max_length),
+            ("--save-checkpoints", args.save_checkpoints), ("--quick", args.quick or None),
+        ) if value is not None] + extra
+        if training:
+            parser.error(f"{' '.join(training)}: only used when training; with --checkpoints "
+                         "each model and its data come from the checkpoint.")
+        paths = [item.partition("=")[2] for item in args.checkpoints]
+        for item, path in zip(args.checkpoints, paths, strict=True):
+            if "=" not in item or not item.partition("=")[0]:
+                parser.error(f"--checkpoints takes METHOD=PATH, e.g. fgm=runs/fgm-seed1.ckpt; "
+                             f"got {item!r}.")
+            if not Path(path).is_file():
+                parser.error(f"--checkpoints {item}: no checkpoint file at {path!r}.")
+        resolved = [Path(path).resolve() for path in paths]
+        twice = sorted({str(p) for p in resolved if resolved.count(p) > 1})
+        if twice:
+            parser.error(f"--checkpoints lists {', '.join(twice)} more than once; each "
+                         "checkpoint counts as one run.")
+    return args, extra
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
 
 
 def _runs_per_method(results: Sequence[Evaluated]) -> str:
@@ -572,9 +617,6 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     if args.checkpoints:
         for item in args.checkpoints:
             method, _, path = item.partition("=")
-            if not path or not Path(path).is_file():
-                raise SystemExit(f"--checkpoints takes METHOD=PATH of an existing checkpoint "
-                                 f"file, got {item!r}.")
             budget = checkpoint_budget(Path(path))
             targets.append(Target(method, Path(path).stem, fixed or budget or reference,
                                   checkpoint=Path(path)))

@@ -218,3 +218,25 @@ def test_robustness_reads_a_training_budget_only_where_it_is_an_l2_size() -> Non
     assert budget(R3F(epsilon=0.05, epsilon_scale="relative")) == (0.05, "relative")
     assert budget(R3F(epsilon=0.05, epsilon_scale="relative", noise="uniform")) is None
     assert budget(AWP()) is None
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--steps", "0"], "--steps: must be a whole number of at least 1"),
+    (["--max-batches", "0"], "--max-batches: must be a whole number of at least 1"),
+    (["--epsilon", "-1"], "--epsilon: must be a finite number >= 0"),
+    (["--checkpoints", "fgm"], "takes METHOD=PATH"),
+    (["--checkpoints", "fgm=missing.ckpt"], "no checkpoint file at 'missing.ckpt'"),
+    (["--checkpoints", "fgm=a.ckpt", "none=./a.ckpt"], "more than once"),
+    (["--checkpoints", "fgm=a.ckpt", "--max-length", "64", "--data.path=x.csv"],
+     "--max-length --data.path=x.csv: only used when training"),
+])
+def test_robustness_refuses_bad_arguments_before_any_work(
+        argv: list[str], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks.robustness import parse_args
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.ckpt").write_bytes(b"")
+    with pytest.raises(SystemExit):
+        parse_args(argv)
+    assert message in capsys.readouterr().err
