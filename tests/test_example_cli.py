@@ -236,9 +236,11 @@ def test_a_saved_outcome_is_not_reused_once_its_config_changed(tmp_path: Path) -
     outcome = compare.RunOutcome("fgm", 1, 0.8, 0.79, np.array([True, False]), 1.0,
                                  "FGM(epsilon=0.02)", {})
     path = tmp_path / "fgm-seed1.json"
-    outcome.save(path, ["--trainer.max_epochs", "1"], "epsilon: 0.02\n")
+    config = {"trainer": {"callbacks": [{"init_args": {"epsilon": 0.02}}]}}
+    outcome.save(path, ["--trainer.max_epochs", "1"], config)
 
-    found = compare.RunOutcome.load(path, ["--trainer.max_epochs", "1"], "epsilon: 0.02\n")
+    found = compare.RunOutcome.load(path, ["--trainer.max_epochs", "1"], config)
     assert found is not None and found.accuracy == 0.8
-    assert compare.RunOutcome.load(path, ["--trainer.max_epochs", "1"], "epsilon: 0.05\n") is None
-    assert compare.RunOutcome.load(path, [], "epsilon: 0.02\n") is None
+    changed = {"trainer": {"callbacks": [{"init_args": {"epsilon": 0.05}}]}}
+    assert compare.RunOutcome.load(path, ["--trainer.max_epochs", "1"], changed) is None
+    assert compare.RunOutcome.load(path, [], config) is None

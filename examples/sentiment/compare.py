@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from torch import Tensor
 
 from examples.sentiment.cli import SentimentCLI
@@ -127,16 +128,16 @@ class RunOutcome:
     #: split (absent from outcomes saved before it was recorded).
     val_accuracy: float | None = None
 
-    def save(self, path: Path, overrides: list[str], config: str) -> None:
+    def save(self, path: Path, overrides: list[str], config: Any) -> None:
         record = {**vars(self), "correct": self.correct.astype(int).tolist(),
                   "overrides": overrides, "config": config}
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record), encoding="utf-8")
 
     @classmethod
-    def load(cls, path: Path, overrides: list[str], config: str) -> RunOutcome | None:
+    def load(cls, path: Path, overrides: list[str], config: Any) -> RunOutcome | None:
         """The outcome saved at ``path``, if it ran with the same ``overrides`` and the
-        same config file text ``config``."""
+        same ``config`` (the config file's parsed content)."""
         if not path.is_file():
             return None
         record = json.loads(path.read_text(encoding="utf-8"))
@@ -199,11 +200,12 @@ def run_comparison(methods: list[str], seeds: list[int], overrides: list[str],
     With ``jobs > 1`` the runs go to that many worker processes of one CPU thread each;
     every run is seeded, so the results do not depend on ``jobs``. With ``saved``, each
     run's outcome is kept there as ``<method>-seed<seed>.json``, and a run whose outcome is
-    already there (with the same overrides and config file text) is not trained again: an
+    already there (with the same overrides and config content) is not trained again: an
     interrupted comparison resumes, and methods can be added to a finished one.
     """
     tasks = [(name, seed) for seed in seeds for name in methods]
-    configs = {name: (config_dir / f"{name}.yaml").read_text(encoding="utf-8")
+    # What a run depends on is the config's content; its comments may change freely.
+    configs = {name: yaml.safe_load((config_dir / f"{name}.yaml").read_text(encoding="utf-8"))
                for name in methods}
     outcomes: dict[tuple[str, int], RunOutcome] = {}
     if saved is not None:
