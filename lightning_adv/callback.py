@@ -32,7 +32,13 @@ from lightning_adv.embedding import (
     find_embedding,
     modules_sharing_weight,
 )
-from lightning_adv.monitor import OUTPUT_MEAN_LIMIT, WEIGHT_MEAN_LIMIT, CollapseMonitor
+from lightning_adv.monitor import (
+    OUTPUT_LARGEST_LIMIT,
+    OUTPUT_MEAN_LIMIT,
+    WEIGHT_LARGEST_LIMIT,
+    WEIGHT_MEAN_LIMIT,
+    CollapseMonitor,
+)
 from lightning_adv.step import AttackStep, parse_loss_output
 
 __all__ = ["AdversarialCallback"]
@@ -248,6 +254,8 @@ class AdversarialCallback(Callback):
             owner, size if isinstance(size, float) else None, self.size_argument,
             self.epsilon_scale == "relative" or not self.needs_embedding,
             mean_limit=OUTPUT_MEAN_LIMIT if self.target == "output" else WEIGHT_MEAN_LIMIT,
+            largest_limit=(OUTPUT_LARGEST_LIMIT if self.target == "output"
+                           else WEIGHT_LARGEST_LIMIT),
         )
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

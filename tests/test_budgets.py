@@ -10,7 +10,7 @@ import torch
 
 from lightning_adv import FGM, FGSM, PGD, FreeLB
 from lightning_adv.functional import relative_sizes, row_norms
-from lightning_adv.monitor import CollapseMonitor
+from lightning_adv.monitor import WEIGHT_LARGEST_LIMIT, CollapseMonitor
 from tests.helpers import (
     PAD,
     Classifier,
@@ -182,6 +182,20 @@ def test_output_target_warns_at_a_lower_mean():
     # The same mean on the weight target trained MiniLM: no warning.
     assert _warnings_of(FGM(epsilon=0.1, epsilon_scale="relative", target="weight"),
                         text="on average") == []
+
+
+def test_weight_target_allows_a_few_rows_up_to_twice_their_length():
+    # FGM, weight target, relative 0.05 from step 300 on the character model: the largest
+    # row at 1.12 and a healthy run; the weight runs that collapsed had rows at 3.0-9.0.
+    healthy = _warnings_of(FGM(epsilon=0.05, epsilon_scale="relative", target="weight"))
+    assert healthy == []
+    monitor = CollapseMonitor("FGM", epsilon=0.05, relative=True,
+                              largest_limit=WEIGHT_LARGEST_LIMIT)
+    monitor.update(torch.tensor(1.12), None, classes=2, mean=torch.tensor(0.05))
+    assert monitor.check() == []
+    monitor.update(torch.tensor(3.0), None, classes=2, mean=torch.tensor(0.1))
+    with pytest.warns(UserWarning, match="3.00 times the vector"):
+        assert len(monitor.check()) == 1
 
 
 def test_mean_rule_silent_for_a_healthy_run():
