@@ -12,6 +12,7 @@ from typing import Any, ClassVar, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_adv import _lightning
@@ -272,6 +273,16 @@ class AdversarialCallback(Callback):
         # Lightning skips `teardown` after an exception: without this, a failed fit would
         # leave the hooks on the module and its loss method wrapped, one more per retry.
         self.teardown(trainer, pl_module, str(trainer.state.stage or "fit"))
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        total = trainer.estimated_stepping_batches
+        if math.isfinite(total) and total > 0 and self.start_step >= total:
+            rank_zero_warn(
+                f"{type(self).__name__}: start_step={self.start_step}, but this fit runs "
+                f"{int(total)} optimizer steps, so no step will be attacked. Lower "
+                "`start_step` or train for longer.",
+                category=UserWarning,
+            )
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                              batch: Any, batch_idx: int) -> None:

@@ -225,3 +225,11 @@ def test_a_loss_that_learned_is_not_stuck():
     for _ in range(10):
         monitor.update(None, torch.tensor(0.3), classes=2)
     assert monitor.check() == []
+
+
+def test_a_start_step_beyond_the_fit_is_warned_about():
+    module = Classifier(clone(tiny_bert()), lr=0.0)
+    with pytest.warns(UserWarning, match=r"start_step=300, but this fit runs 4 optimizer "
+                                         r"steps, so no step will be attacked"):
+        trainer([FGM(epsilon=0.05, epsilon_scale="relative", start_step=300)],
+                max_steps=4).fit(module, loader(make_batches(4)))
