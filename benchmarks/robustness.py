@@ -7,15 +7,15 @@ tested with :class:`lightning_adv.RobustAccuracy`: PGD on the embedding output, 
 L2 ball. The attack budget of a method is its own training budget where it has one in
 that geometry (FGM, PGD and VAT ``epsilon``, FreeLB ``max_norm``, SMART ``epsilon`` with
 ``norm="l2"``, FGSM and R3F ``epsilon`` with ``epsilon_scale="relative"``; same number
-and ``epsilon_scale``), otherwise the FGM config's; every model
-is attacked at that budget and at twice it, the no-attack models at every method's
-budgets, and each method is compared with the no-attack models at its own budgets.
+and ``epsilon_scale``), otherwise the FGM config's; every model is attacked at that
+budget and at twice it, the no-attack models at every method's budgets, and each method
+is compared with the no-attack models at its own budgets.
 
 Checkpoints can be attacked by several worker processes (``--jobs 2``), and with
-``--results DIR`` each checkpoint's scores are kept in ``DIR`` and reused:
-a later invocation attacks only the budgets that are missing, so a measurement can be
-made in parts (each part's command listing the checkpoints it attacks) and tabulated by
-a last command that lists them all.
+``--results DIR`` each checkpoint's scores are kept in ``DIR`` and reused: a later
+invocation attacks only the budgets that are missing, so a measurement can be made in
+parts (each part's command listing the checkpoints it attacks) and tabulated by a last
+command that lists them all.
 
 Target of the issue: every attack method at least 10 points of robust accuracy over no
 attack, without losing clean accuracy.
