@@ -106,6 +106,8 @@ def _describe(trainer: Any) -> str:
             fields["target"] = attack.target
         if getattr(attack, "epsilon_scale", "absolute") != "absolute":
             fields["epsilon_scale"] = attack.epsilon_scale
+        if getattr(attack, "start_step", 0):
+            fields["start_step"] = attack.start_step
         arguments = ", ".join(f"{key}={value:g}" if isinstance(value, float) else
                               f"{key}={value}" for key, value in fields.items())
         parts.append(f"{type(attack).__name__}({arguments})")
