@@ -330,12 +330,13 @@ def _settings(target: Target, steps: int, max_batches: int | None,
             "checkpoint_mtime_ns": stat.st_mtime_ns}
 
 
-def train(config: Path, seed: int, overrides: list[str],
-          save_to: Path | None) -> tuple[pl.LightningModule, pl.LightningDataModule, Budget | None]:
+def train(config: Path, seed: int, overrides: list[str], save_to: Path | None,
+          attack_from_start: bool = False,
+          ) -> tuple[pl.LightningModule, pl.LightningDataModule, Budget | None]:
     """Train one config like the comparison script does; optionally keep a checkpoint."""
     from examples.sentiment.compare import quiet_cli
 
-    cli = quiet_cli(config, seed, overrides)
+    cli = quiet_cli(config, seed, overrides, attack_from_start)
     cli.trainer.fit(cli.model, cli.datamodule)
     if save_to is not None:
         save_to.mkdir(parents=True, exist_ok=True)
@@ -522,7 +523,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     parser.add_argument("--out", type=Path, default=Path("docs"),
                         help="folder of benchmarks.md and img/ (default: docs)")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke run: two methods, one seed, a tiny model and data set")
+                        help="smoke run: two methods, one seed, a tiny model and data set, "
+                             "attacked from step 0")
     args, extra = parser.parse_known_args(argv)
     if args.checkpoints:
         training = [flag for flag, value in (
@@ -629,7 +631,8 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
             for method in methods:
                 print(f"training {method}, seed {seed} ...", flush=True)
                 model, datamodule, budget = train(CONFIG_DIR / f"{method}.yaml", seed,
-                                                  overrides, args.save_checkpoints)
+                                                  overrides, args.save_checkpoints,
+                                                  attack_from_start=args.quick)
                 targets.append(Target(method, str(seed), fixed or budget or reference,
                                       trained=(model, datamodule)))
         source = "trained here as `examples/sentiment/compare.py` trains them"

