@@ -170,7 +170,7 @@ class Evaluated:
 
     method: str
     seed: str
-    budget: Budget | None
+    budget: Budget
     accuracy: float
     robust: dict[tuple[float, str], float] = field(default_factory=dict)
     robust_clean: dict[tuple[float, str], float] = field(default_factory=dict)
@@ -185,7 +185,7 @@ class Evaluated:
         scores = [[eps, scale, self.robust[eps, scale], self.robust_clean[eps, scale]]
                   for eps, scale in self.robust]
         record = {"settings": settings, "method": self.method, "run": self.seed,
-                  "budget": None if self.budget is None else asdict(self.budget),
+                  "budget": asdict(self.budget),
                   "accuracy": self.accuracy, "scores": scores}
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
@@ -198,8 +198,8 @@ class Evaluated:
         record = json.loads(path.read_text(encoding="utf-8"))
         if record.get("settings") != settings:
             return None
-        budget = None if record["budget"] is None else Budget(**record["budget"])
-        found = cls(record["method"], record["run"], budget, record["accuracy"])
+        found = cls(record["method"], record["run"], Budget(**record["budget"]),
+                    record["accuracy"])
         for eps, scale, robust, clean in record["scores"]:
             found.robust[eps, scale] = robust
             found.robust_clean[eps, scale] = clean
@@ -208,7 +208,7 @@ class Evaluated:
 
 def evaluate(model: pl.LightningModule, datamodule: pl.LightningDataModule,
              budgets: Sequence[Budget], steps: int, max_batches: int | None,
-             method: str, seed: str, budget: Budget | None,
+             method: str, seed: str, budget: Budget,
              split: str = "test") -> Evaluated:
     """Test (or validate, ``split="val"``) ``model`` once, with one ``RobustAccuracy``
     per budget."""
@@ -290,7 +290,9 @@ def attack_all(targets: Sequence[Target], needed: dict[Target, list[Budget]], st
               flush=True)
 
     parallel = [t for t in todo if t.checkpoint is not None] if jobs > 1 else []
-    if len(parallel) > 1:
+    if len(parallel) < 2:  # one checkpoint gains nothing from a worker process
+        parallel = []
+    if parallel:
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
             futures = {pool.submit(attack_checkpoint, t, todo[t], steps, max_batches, split,
@@ -298,11 +300,7 @@ def attack_all(targets: Sequence[Target], needed: dict[Target, list[Budget]], st
                        for t in sorted(parallel, key=lambda t: -len(todo[t]))}
             for future in as_completed(futures):
                 report(futures[future], future.result())
-    else:
-        parallel = []
-    for target in todo:
-        if target in parallel:
-            continue
+    for target in (t for t in todo if t not in parallel):
         if target.trained is not None:
             model, datamodule = target.trained
             report(target, evaluate(model, datamodule, todo[target], steps, max_batches,
@@ -376,14 +374,14 @@ class Row:
         return gain >= 0.10 and statistics.mean(self.accuracy) >= self.baseline_accuracy
 
 
-def tabulate(results: list[Evaluated], reference: Budget) -> list[Row]:
+def tabulate(results: list[Evaluated]) -> list[Row]:
     """One row per method: means over seeds, and the baseline at the method's budgets."""
     methods = list(dict.fromkeys(r.method for r in results))
     baseline = [r for r in results if r.method == BASELINE]
     rows = []
     for method in methods:
         runs = [r for r in results if r.method == method]
-        budget = runs[0].budget or reference
+        budget = runs[0].budget
         double = budget.doubled()
         row = Row(method, len(runs), budget, [r.accuracy for r in runs],
                   [r.robust_clean[budget.key] for r in runs],
@@ -641,7 +639,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
 
     results = attack_all(targets, needed_budgets(targets), steps, max_batches, args.split,
                          jobs=args.jobs, results=args.results)
-    rows = tabulate(results, fixed or reference)
+    rows = tabulate(results)
 
     split_name = "test" if args.split == "test" else "validation"
     unchanged = all(
